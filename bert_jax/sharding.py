@@ -1,0 +1,96 @@
+"""Device mesh, logical axis names, and the one table mapping names to mesh axes.
+
+Mesh axes:
+  data    pure data parallelism (params replicated across it)
+  fsdp    data parallelism with params, gradients and optimizer state sharded across it
+  tensor  tensor (model) parallelism: heads, FFN width and vocabulary split across it
+
+Weight axes are named where params are created (model.py, heads.py); activation axes
+use the separate `act_*` vocabulary so that the two can be sharded independently.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# The one rules table. A logical name absent from here is an error (see `spec_for`).
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # weights
+    ("layers", None),        # stacked layer copies: scanned over, never sharded
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),       # the model width H (or E) on weights
+    ("embed_out", None),     # the output side of an H->H (or H->E) square-ish weight
+    ("heads", "tensor"),
+    ("kv", None),            # per-head width K
+    ("mlp", "tensor"),       # FFN width F
+    ("positions", None),
+    ("types", None),
+    ("norm", None),          # LayerNorm scale and bias
+    ("classes", None),       # task-head outputs (labels, 2 for NSP/SOP and span ends)
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+LOGICAL_NAMES = frozenset(name for name, _ in RULES)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default all); -1 takes what is left."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by fsdp*tensor*data={known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh: data*fsdp*tensor={sizes} uses {math.prod(sizes)} devices, "
+                         f"but {len(devices)} are present")
+    try:
+        arr = jax.experimental.mesh_utils.create_device_mesh(sizes, devices)
+    except Exception:  # fake CPU devices and odd counts have no physical topology
+        arr = np.asarray(devices).reshape(sizes)
+    return Mesh(arr, MESH_AXES)
+
+
+def spec_for(names: tuple[str | None, ...]) -> P:
+    """PartitionSpec for a tuple of logical axis names, through RULES."""
+    for n in names:
+        if n is not None and n not in LOGICAL_NAMES:
+            raise KeyError(f"logical axis name {n!r} has no rule in sharding.RULES")
+    return nn.logical_to_mesh_axes(names, RULES)
+
+
+def logical_specs(boxed_tree):
+    """Tree of logical PartitionSpecs from a tree holding nn.Partitioned boxes."""
+    return nn.get_partition_spec(boxed_tree)
+
+
+def mesh_shardings(boxed_tree, mesh: Mesh):
+    """Tree of NamedShardings for a (possibly abstract) tree of nn.Partitioned boxes."""
+    specs = logical_specs(boxed_tree)
+    return jax.tree.map(lambda s: NamedSharding(mesh, spec_for(tuple(s))), specs,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def data_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch-leading arrays split over data and fsdp."""
+    return NamedSharding(mesh, spec_for(("act_batch",) + (None,) * (ndim - 1)))
+
+
+def constrain(x, names: tuple[str | None, ...]):
+    """Activation sharding constraint by logical names; a no-op outside a mesh context."""
+    return nn.with_logical_constraint(x, names, rules=RULES)

