@@ -154,7 +154,7 @@ def build_model(cfg: ModelConfig, task: str) -> nn.Module:
 def init_params(cfg: ModelConfig, task: str, rng: jax.Array, seq_len: int = 8):
     """Boxed (logically partitioned) params of `build_model(cfg, task)`."""
     ids = jnp.zeros((1, seq_len), jnp.int32)
-    return build_model(cfg, task).init(rng, ids)["params"]
+    return jax.jit(build_model(cfg, task).init)(rng, ids)["params"]
 
 
 def abstract_params(cfg: ModelConfig, task: str, seq_len: int = 8):
