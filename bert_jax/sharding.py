@@ -74,16 +74,26 @@ def spec_for(names: tuple[str | None, ...]) -> P:
     return nn.logical_to_mesh_axes(names, RULES)
 
 
-def logical_specs(boxed_tree):
-    """Tree of logical PartitionSpecs from a tree holding nn.Partitioned boxes."""
-    return nn.get_partition_spec(boxed_tree)
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """`spec` with each dimension that its mesh axes do not divide evenly left unsplit
+    (e.g. RoBERTa's 50265-token vocabulary over an even tensor axis): replicated is
+    always correct, where XLA would refuse an uneven split."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+        ways = math.prod(mesh.shape[a] for a in names)
+        out.append(axes if dim % ways == 0 else None)
+    return P(*out)
 
 
 def mesh_shardings(boxed_tree, mesh: Mesh):
     """Tree of NamedShardings for a (possibly abstract) tree of nn.Partitioned boxes."""
-    specs = logical_specs(boxed_tree)
-    return jax.tree.map(lambda s: NamedSharding(mesh, spec_for(tuple(s))), specs,
-                        is_leaf=lambda x: isinstance(x, P))
+    def one(box):
+        if not isinstance(box, nn.Partitioned):
+            return NamedSharding(mesh, P())
+        spec = spec_for(tuple(box.names))
+        return NamedSharding(mesh, fit_spec(spec, box.value.shape, mesh))
+    return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def data_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
@@ -92,5 +102,9 @@ def data_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 
 def constrain(x, names: tuple[str | None, ...]):
-    """Activation sharding constraint by logical names; a no-op outside a mesh context."""
-    return nn.with_logical_constraint(x, names, rules=RULES)
+    """Activation sharding constraint by logical names, under the mesh set with
+    `jax.set_mesh`; a no-op when no mesh is set (single device, tests of the math)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, fit_spec(spec_for(names), x.shape, mesh))
