@@ -1,0 +1,1 @@
+"""Data: corpus reading, pretraining instances, masking, loaders, task readers."""

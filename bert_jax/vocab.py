@@ -1,0 +1,130 @@
+"""`vocab` job: train a WordPiece, byte-level BPE or SentencePiece tokenizer on text files.
+
+    ./launch.sh vocab --kind=wordpiece --corpus='corpus/*.txt' --vocab_size=8000 --out=DIR [--lowercase]
+
+The corpus is streamed line by line, never loaded whole. The folder written loads in our
+`Tokenizer.load` and in transformers (BertTokenizerFast / RobertaTokenizerFast /
+AlbertTokenizer) to the same ids.
+"""
+
+from __future__ import annotations
+
+import io
+import pathlib
+import shutil
+import tempfile
+from typing import Iterator, Sequence
+
+from absl import app, logging
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+from bert_jax.data import corpus
+from bert_jax.tokenizer import (SPECIALS, Tokenizer, TokenizerError, bpe_backend,
+                                sentencepiece_backend, wordpiece_backend)
+
+
+def train(kind: str, corpus_glob: str | Sequence[str], vocab_size: int, out: str | pathlib.Path,
+          lowercase: bool = True, extra_special_tokens: Sequence[str] = ()) -> Tokenizer:
+    """Train a tokenizer of `kind` and write it to `out` (replaced only on success)."""
+    files = corpus.expand(corpus_glob)
+    if kind == "wordpiece":
+        tok = _train_wordpiece(files, vocab_size, lowercase)
+    elif kind == "bpe":
+        tok = _train_bpe(files, vocab_size)
+        lowercase = False
+    elif kind == "sentencepiece":
+        tok, spiece = _train_sentencepiece(files, vocab_size, lowercase)
+    else:
+        raise TokenizerError(f"--kind={kind!r}: must be wordpiece, bpe or sentencepiece")
+    tokenizer = Tokenizer(tok, kind, lowercase, extra_special_tokens,
+                          spiece if kind == "sentencepiece" else None)
+    # Write beside `out`, then move into place: a failed run leaves no partial folder.
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        tokenizer.save(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logging.info("wrote %s tokenizer, %d tokens, to %s", kind, tokenizer.vocab_size, out)
+    return Tokenizer.load(out)
+
+
+def _lines(files) -> Iterator[str]:
+    return corpus.iter_lines(files)
+
+
+def _check_size(kind, got: int, asked: int, files):
+    if got > asked:
+        raise TokenizerError(
+            f"--vocab_size={asked} is too small for the alphabet of the corpus "
+            f"({files[0]}{' ...' if len(files) > 1 else ''}): {kind} needs at least {got}")
+
+
+def _train_wordpiece(files, vocab_size, lowercase) -> HFTokenizer:
+    s = SPECIALS["wordpiece"]
+    tok = HFTokenizer(models.WordPiece(unk_token=s.unk))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=None)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=s.all(),
+                                        continuing_subword_prefix="##", show_progress=False)
+    tok.train_from_iterator(_lines(files), trainer)
+    vocab = tok.get_vocab()
+    _check_size("wordpiece", len(vocab), vocab_size, files)
+    return wordpiece_backend(vocab, lowercase)
+
+
+def _train_bpe(files, vocab_size) -> HFTokenizer:
+    s = SPECIALS["bpe"]
+    if vocab_size < 256 + 5:
+        raise TokenizerError(f"--vocab_size={vocab_size} is too small for byte-level BPE: "
+                             "it needs the 256 byte symbols plus 5 special tokens")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # fairseq's dictionary order: <s>=0, <pad>=1, </s>=2, <unk>=3; <mask> right after.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=[s.cls, s.pad, s.sep, s.unk, s.mask],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_lines(files), trainer)
+    with tempfile.TemporaryDirectory() as d:
+        tok.model.save(d)
+        return bpe_backend(pathlib.Path(d) / "vocab.json", pathlib.Path(d) / "merges.txt")
+
+
+def _train_sentencepiece(files, vocab_size, lowercase) -> tuple[HFTokenizer, bytes]:
+    import sentencepiece as spm
+    steps = [normalizers.Replace("``", '"'), normalizers.Replace("''", '"'),
+             normalizers.NFKD(), normalizers.StripAccents()]
+    if lowercase:
+        steps.append(normalizers.Lowercase())
+    norm = normalizers.Sequence(steps)  # what encoding applies before the model
+    s = SPECIALS["sentencepiece"]
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=(norm.normalize_str(l) for l in _lines(files)),
+            model_writer=model, vocab_size=vocab_size, model_type="unigram",
+            pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, pad_piece=s.pad, unk_piece=s.unk,
+            control_symbols=[s.cls, s.sep, s.mask], input_sentence_size=2_000_000,
+            shuffle_input_sentence=True, train_extremely_large_corpus=False, minloglevel=2)
+    except RuntimeError as e:
+        raise TokenizerError(f"--vocab_size={vocab_size}: SentencePiece training on "
+                             f"{files[0]}{' ...' if len(files) > 1 else ''} failed: {e}") from None
+    return sentencepiece_backend(model.getvalue(), lowercase), model.getvalue()
+
+
+def main(argv):
+    from bert_jax import flags
+    o = flags.vocab_options(argv)
+    train(o.kind, o.corpus, o.vocab_size, o.out, o.lowercase, o.extra_special_tokens)
+    print(f"vocab: wrote {o.kind} tokenizer to {o.out}")
+
+
+if __name__ == "__main__":
+    from bert_jax import flags as _flags
+    _flags.define_vocab_flags()
+    app.run(main)
