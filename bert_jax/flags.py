@@ -49,3 +49,143 @@ def vocab_options(argv=None, fv: flags.FlagValues = FLAGS) -> VocabOptions:
     _unparsed(argv)
     return VocabOptions(kind=fv.kind, corpus=fv.corpus, vocab_size=fv.vocab_size, out=fv.out,
                         lowercase=fv.lowercase, extra_special_tokens=tuple(fv.extra_special_tokens))
+
+
+# --------------------------------------------------------------------- pretrain ----
+# Model fields that a flag may override (None = the variant's value).
+MODEL_OVERRIDES = {
+    "vocab_size": int, "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int,
+    "intermediate_size": int, "embedding_size": int, "num_hidden_groups": int,
+    "inner_group_num": int, "max_position_embeddings": int, "hidden_dropout_prob": float,
+    "attention_probs_dropout_prob": float, "share_scope": str, "hidden_act": str,
+    "dtype": str, "remat_policy": str, "attention_impl": str,
+}
+
+
+def define_model_flags(fv: flags.FlagValues = FLAGS) -> None:
+    from bert_jax.config import VARIANTS
+    flags.DEFINE_enum("variant", "bert-tiny", sorted(VARIANTS), "Published model size to start from.", flag_values=fv)
+    for name, typ in MODEL_OVERRIDES.items():
+        define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}[typ]
+        define(name, None, f"Override the variant's {name}.", flag_values=fv)
+    flags.DEFINE_bool("scan_layers", True, "Run layers with nn.scan (False: a Python loop).", flag_values=fv)
+
+
+def model_overrides(fv: flags.FlagValues = FLAGS) -> tuple:
+    out = [(k, fv[k].value) for k in MODEL_OVERRIDES if fv[k].value is not None]
+    out.append(("scan_layers", fv.scan_layers))
+    return tuple(out)
+
+
+def define_pretrain_flags(fv: flags.FlagValues = FLAGS, required: bool = True) -> None:
+    D = flags
+    D.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, tokenizer. Resumes if it holds a checkpoint.", flag_values=fv)
+    D.DEFINE_string("corpus", None, "Comma-separated text files or globs to pretrain on.", flag_values=fv)
+    D.DEFINE_string("heldout_corpus", None, "Files or globs for held-out MLM/NSP evaluation.", flag_values=fv)
+    D.DEFINE_string("tokenizer", None, "Tokenizer folder; if unset, one is trained on --corpus into <workdir>/tokenizer.", flag_values=fv)
+    D.DEFINE_integer("tokenizer_vocab_size", 8000, "Vocabulary size when the tokenizer is trained here.", flag_values=fv)
+    D.DEFINE_bool("lowercase", True, "Lowercase when training the tokenizer here.", flag_values=fv)
+    D.DEFINE_string("cache_dir", None, "Tokenized-corpus cache (default <workdir>/cache).", flag_values=fv)
+    D.DEFINE_enum("document_boundary", "file", ["file", "blank_line"], "What separates documents.", flag_values=fv)
+    define_model_flags(fv)
+    D.DEFINE_integer("max_seq_length", 128, "Tokens per row.", flag_values=fv)
+    D.DEFINE_integer("max_predictions_per_seq", 20, "Static number of MLM positions per row.", flag_values=fv)
+    D.DEFINE_float("masked_lm_prob", 0.15, "Fraction of tokens to predict.", flag_values=fv)
+    D.DEFINE_bool("whole_word_masking", False, "Mask all sub-tokens of a chosen word.", flag_values=fv)
+    D.DEFINE_integer("max_ngram", 1, "ALBERT n-gram masking: spans of up to this many words (1 = off).", flag_values=fv)
+    D.DEFINE_float("short_seq_prob", 0.1, "Probability of a shorter target length (BERT).", flag_values=fv)
+    D.DEFINE_integer("max_examples_per_row", 1, "Pack up to this many instances per row (1 = no packing).", flag_values=fv)
+    D.DEFINE_integer("batch_size", 32, "Global batch size (all processes, all microbatches).", flag_values=fv)
+    D.DEFINE_integer("grad_accum", 1, "Microbatches per update.", lower_bound=1, flag_values=fv)
+    D.DEFINE_integer("train_steps", 1000, "Optimizer updates.", lower_bound=1, flag_values=fv)
+    D.DEFINE_enum("optimizer", "adamw", ["adamw", "adamw_bert", "lamb"], "Optimizer.", flag_values=fv)
+    D.DEFINE_float("learning_rate", 1e-4, "Peak learning rate.", flag_values=fv)
+    D.DEFINE_integer("warmup_steps", 100, "Linear warmup steps.", flag_values=fv)
+    D.DEFINE_float("decay_power", 1.0, "Polynomial decay power after warmup (1 = linear).", flag_values=fv)
+    D.DEFINE_float("weight_decay", 0.01, "Decoupled weight decay (not on LayerNorm/bias).", flag_values=fv)
+    D.DEFINE_float("adam_b1", 0.9, "Adam beta1.", flag_values=fv)
+    D.DEFINE_float("adam_b2", 0.999, "Adam beta2.", flag_values=fv)
+    D.DEFINE_float("adam_eps", 1e-6, "Adam epsilon.", flag_values=fv)
+    D.DEFINE_float("max_grad_norm", 1.0, "Global-norm clipping (0 = off).", flag_values=fv)
+    D.DEFINE_integer("seed", 0, "Seed of init, data order, masking and dropout.", flag_values=fv)
+    D.DEFINE_integer("mesh_data", -1, "Data-parallel mesh axis size (-1 = the rest).", flag_values=fv)
+    D.DEFINE_integer("mesh_fsdp", 1, "FSDP mesh axis size.", flag_values=fv)
+    D.DEFINE_integer("mesh_tensor", 1, "Tensor-parallel mesh axis size.", flag_values=fv)
+    D.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.", lower_bound=1, flag_values=fv)
+    D.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.", lower_bound=1, flag_values=fv)
+    D.DEFINE_bool("async_checkpoint", True, "Save checkpoints in the background.", flag_values=fv)
+    D.DEFINE_integer("log_every", 50, "Steps between metrics.jsonl lines.", lower_bound=1, flag_values=fv)
+    D.DEFINE_integer("eval_every", 500, "Steps between held-out evaluations.", lower_bound=1, flag_values=fv)
+    D.DEFINE_integer("eval_batches", 10, "Held-out batches per evaluation.", lower_bound=1, flag_values=fv)
+    D.DEFINE_integer("max_nonfinite_streak", 10, "Stop after this many non-finite steps in a row.", flag_values=fv)
+    D.DEFINE_bool("progress_bar", True, "Show a progress bar.", flag_values=fv)
+    define_distributed_flags(fv)
+    if required:
+        flags.mark_flags_as_required(["workdir", "corpus"], flag_values=fv)
+
+
+def define_distributed_flags(fv: flags.FlagValues = FLAGS) -> None:
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-host).", flag_values=fv)
+
+
+def init_distributed(fv: flags.FlagValues = FLAGS) -> None:
+    """jax.distributed.initialize from flags, or auto-detected (SLURM, TPU VM) when the
+    environment says so; nothing for a single local process."""
+    import os
+    import jax
+    if fv.coordinator_address or fv.num_processes:
+        jax.distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
+    elif "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
+        jax.distributed.initialize()
+
+
+def quiet_library_logs() -> None:
+    """orbax logs every checkpoint step at INFO through absl; keep its warnings only."""
+    import logging as std_logging
+
+    class _DropOrbaxInfo(std_logging.Filter):
+        def filter(self, record):
+            return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+    for h in std_logging.getLogger().handlers + std_logging.getLogger("absl").handlers:
+        h.addFilter(_DropOrbaxInfo())
+
+
+def resolved(fv: flags.FlagValues = FLAGS) -> str:
+    """Every flag with its final value, as a flag file."""
+    return fv.flags_into_string()
+
+
+def optim_config(fv: flags.FlagValues = FLAGS):
+    from bert_jax.optim import OptimConfig
+    return OptimConfig(optimizer=fv.optimizer, learning_rate=fv.learning_rate,
+                       warmup_steps=fv.warmup_steps, train_steps=fv.train_steps,
+                       decay_power=fv.decay_power, weight_decay=fv.weight_decay, b1=fv.adam_b1,
+                       b2=fv.adam_b2, eps=fv.adam_eps, max_grad_norm=fv.max_grad_norm)
+
+
+def pretrain_options(argv=None, fv: flags.FlagValues = FLAGS):
+    from bert_jax.pretraining import PretrainOptions
+    _unparsed(argv)
+    names = ("workdir", "corpus", "heldout_corpus", "tokenizer", "tokenizer_vocab_size", "lowercase",
+             "cache_dir", "document_boundary", "variant", "max_seq_length",
+             "max_predictions_per_seq", "masked_lm_prob", "whole_word_masking", "max_ngram",
+             "short_seq_prob", "max_examples_per_row", "batch_size", "grad_accum", "train_steps",
+             "seed", "mesh_data", "mesh_fsdp", "mesh_tensor", "checkpoint_every",
+             "keep_checkpoints", "async_checkpoint", "log_every", "eval_every", "eval_batches",
+             "max_nonfinite_streak", "progress_bar")
+    try:
+        return PretrainOptions(**{n: fv[n].value for n in names}, model_overrides=model_overrides(fv),
+                               optim=optim_config(fv), resolved_flags=resolved(fv))
+    except ValueError as e:
+        raise FlagError(str(e)) from None
+
+
+# ------------------------------------------------------------------------ bench ----
+def define_bench_flags(fv: flags.FlagValues = FLAGS) -> None:
+    define_pretrain_flags(fv, required=False)
+    flags.DEFINE_integer("steps", 10, "Timed steps after warm-up.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.", lower_bound=0, flag_values=fv)
+    flags.DEFINE_list("seq_len", [], "Sequence lengths to time (default: --max_seq_length).", flag_values=fv)
+    flags.DEFINE_float("peak_tflops", None, "Device peak for MFU (default: known GPUs' bf16 dense peak).", flag_values=fv)

@@ -54,7 +54,8 @@ class MLMHead(nn.Module):
 
 class PreTrainingModel(nn.Module):
     """MLM plus the family's sentence objective (NSP for BERT, SOP for ALBERT, none for
-    RoBERTa). Returns `mlm_logits` BxPxV (float32) and `sentence_logits` Bx2 or None."""
+    RoBERTa). Returns `mlm_logits` BxPxV (float32) and `sentence_logits` Bx2 (BxKx2 with
+    `sentence_positions_BxK`, one per packed example) or None."""
     cfg: ModelConfig
 
     def setup(self):
@@ -67,9 +68,10 @@ class PreTrainingModel(nn.Module):
 
     def __call__(self, input_ids_BxL, token_type_ids_BxL=None, attention_mask_BxL=None,
                  masked_positions_BxP=None, position_ids_BxL=None, segment_ids_BxL=None,
-                 *, deterministic: bool = True):
+                 *, sentence_positions_BxK=None, deterministic: bool = True):
         out = self.backbone(input_ids_BxL, token_type_ids_BxL, attention_mask_BxL,
-                            position_ids_BxL, segment_ids_BxL, deterministic=deterministic)
+                            position_ids_BxL, segment_ids_BxL, deterministic=deterministic,
+                            pool_positions_BxK=sentence_positions_BxK)
         if masked_positions_BxP is None:  # every position (for parity checks and scoring)
             B, L = input_ids_BxL.shape
             masked_positions_BxP = jnp.broadcast_to(jnp.arange(L), (B, L))

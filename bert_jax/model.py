@@ -327,8 +327,9 @@ class Backbone(nn.Module):
     @nn.compact
     def __call__(self, input_ids_BxL, token_type_ids_BxL=None, attention_mask_BxL=None,
                  position_ids_BxL=None, segment_ids_BxL=None, *, deterministic: bool = True,
-                 output_hidden_states: bool = False):
-        """Returns a dict: `sequence_output` BxLxH, `pooled_output` BxH (if pooler),
+                 output_hidden_states: bool = False, pool_positions_BxK=None):
+        """Returns a dict: `sequence_output` BxLxH, `pooled_output` BxH (if pooler; BxKxH
+        at `pool_positions_BxK`, the [CLS] of each example in packed rows),
         `hidden_states` (D+1)xBxLxH (embedding output, then each layer; if asked).
 
         `segment_ids_BxL` marks packed rows (0 padding, 1.. examples): attention never
@@ -350,9 +351,13 @@ class Backbone(nn.Module):
         if output_hidden_states:
             out["hidden_states"] = jnp.concatenate([x0_BxLxH[None], hidden_DxBxLxH], axis=0)
         if self.add_pooler:
-            pooled_BxH = Dense((c.hidden_size,), ("embed", "embed_out"), jnp.dtype(c.dtype),
-                               name="pooler")(x_BxLxH[:, 0])
-            out["pooled_output"] = jnp.tanh(pooled_BxH)
+            if pool_positions_BxK is None:
+                cls = x_BxLxH[:, 0]
+            else:
+                cls = jnp.take_along_axis(x_BxLxH, pool_positions_BxK[..., None], axis=1)
+            pooled = Dense((c.hidden_size,), ("embed", "embed_out"), jnp.dtype(c.dtype),
+                           name="pooler")(cls)
+            out["pooled_output"] = jnp.tanh(pooled)
         return out
 
     def word_embeddings(self):

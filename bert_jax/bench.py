@@ -1,0 +1,121 @@
+"""`bench` job: times the real pretraining train step of a config.
+
+    ./launch.sh bench --flagfile=experiments/bert_base_phase1.flags --steps=10 --seq_len=128,512
+
+One JSON line per sequence length: compile_s, step_ms, real_tokens_per_s, mfu,
+peak_memory_gb, device. Batches are random full-length rows (every token real), with
+masked_lm_prob of the positions predicted, through the same jitted, sharded step as
+`pretrain` (optimizer included).
+
+FLOPs per token (training = 3 x forward, a multiply-add = 2 FLOPs), as the peer script
+counts them:  6 * (D * (4 H^2 + 2 H F)          encoder matmuls, D applied layers
+                   + D * 2 * L * H              attention scores and weighted sum
+                   + (H * E + E * V) * p)       MLM head on the predicted fraction p only
+Embedding lookups are not counted. MFU = FLOPs/s over the device's bf16 dense peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import jax
+import numpy as np
+from absl import app
+
+from bert_jax import flags, optim, sharding, train
+from bert_jax.config import ModelConfig, variant
+
+# bf16 dense peak TFLOP/s by device kind (vendor data sheets).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "V100": 125.0,
+               "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5": 459.0}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, predict_frac: float) -> float:
+    H, F, V, E, D = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.embed_dim, cfg.depth
+    enc = D * (4 * H * H + 2 * H * F)
+    attn = D * 2 * seq_len * H
+    head = (H * E + E * V) * predict_frac
+    return 6.0 * (enc + attn + head)
+
+
+def peak_tflops(device, override: float | None) -> float | None:
+    if override:
+        return override
+    kind = getattr(device, "device_kind", "")
+    for k, v in PEAK_TFLOPS.items():
+        if k.lower() in kind.lower():
+            return v
+    return None
+
+
+def random_batch(cfg: ModelConfig, batch: int, seq: int, n_pred: int, objective: str, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, cfg.vocab_size, (batch, seq)).astype(np.int32)
+    pos = np.sort(np.stack([rng.choice(seq, n_pred, replace=False) for _ in range(batch)]), 1).astype(np.int32)
+    return dict(input_ids=ids, token_type_ids=np.zeros_like(ids), attention_mask=np.ones_like(ids),
+                masked_positions=pos, masked_ids=np.take_along_axis(ids, pos, 1),
+                masked_weights=np.ones((batch, n_pred), np.float32),
+                sentence_positions=np.zeros((batch, 1), np.int32),
+                sentence_labels=rng.integers(0, 2, (batch, 1)).astype(np.int32),
+                sentence_weights=np.ones((batch, 1), np.float32))
+
+
+def bench_one(cfg: ModelConfig, ocfg: optim.OptimConfig, batch_size: int, seq: int,
+              predict_frac: float, grad_accum: int, steps: int, warmup: int, mesh, peak) -> dict:
+    tx = optim.make(ocfg)
+    n_pred = max(1, int(round(predict_frac * seq)))
+    state = train.create_state(cfg, tx, seq, 0, mesh)
+    _, state_sh = train.state_shardings(cfg, tx, seq, mesh)
+    host = random_batch(cfg, batch_size, seq, n_pred, cfg.sentence_objective)
+    bsh = lambda nd: sharding.data_sharding(mesh, nd)
+    step_fn = train.make_train_step(cfg, tx, grad_accum, state_sh, bsh, host, mesh)
+    batch = {k: jax.device_put(v, bsh(v.ndim)) for k, v in host.items()}
+    with jax.set_mesh(mesh):
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        for _ in range(warmup):
+            state, m = compiled(state, batch)
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, m = compiled(state, batch)
+        jax.block_until_ready((state, m))
+        dt = (time.perf_counter() - t0) / steps
+    tokens = batch_size * seq  # every token is real here
+    fpt = flops_per_token(cfg, seq, n_pred / seq)
+    dev = jax.devices()[0]
+    mem = dev.memory_stats() or {}
+    return dict(seq_len=seq, batch_size=batch_size, grad_accum=grad_accum, compile_s=round(compile_s, 3),
+                step_ms=round(dt * 1e3, 3), real_tokens_per_s=round(tokens / dt, 1),
+                tflops_per_s=round(fpt * tokens / dt / 1e12, 3),
+                mfu=None if peak is None else round(fpt * tokens / dt / (peak * 1e12), 4),
+                peak_memory_gb=(round(mem["peak_bytes_in_use"] / 2**30, 3)
+                                if "peak_bytes_in_use" in mem else None),
+                device=f"{len(jax.devices())}x {getattr(dev, 'device_kind', dev.platform)}",
+                flops_per_token=fpt, loss=float(m["loss"]))
+
+
+def main(argv):
+    fv = flags.FLAGS
+    flags._unparsed(argv)
+    flags.init_distributed()
+    overrides = dict(flags.model_overrides(fv))
+    cfg = variant(fv.variant).replace(**overrides)
+    ocfg = dataclasses.replace(flags.optim_config(fv), warmup_steps=1, train_steps=10**6)
+    mesh = sharding.make_mesh(fv.mesh_data, fv.mesh_fsdp, fv.mesh_tensor)
+    peak = peak_tflops(jax.devices()[0], fv.peak_tflops)
+    for seq in [int(s) for s in fv.seq_len] or [fv.max_seq_length]:
+        cfg.check_sequence_length(seq, "--seq_len")
+        rec = bench_one(cfg, ocfg, fv.batch_size, seq, fv.masked_lm_prob, fv.grad_accum,
+                        fv.steps, fv.warmup, mesh, peak)
+        rec.update(variant=fv.variant, dtype=cfg.dtype, attention=cfg.attention_impl,
+                   remat=cfg.remat_policy, scan=cfg.scan_layers)
+        print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    flags.define_bench_flags()
+    app.run(main)

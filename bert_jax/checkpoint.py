@@ -1,0 +1,111 @@
+"""Checkpoints: an orbax CheckpointManager holding, at each saved step, the train state
+(params, optimizer state, step, RNG, non-finite counters), the data iterator state and a
+manifest. Saves are asynchronous; orbax writes into a temporary folder and renames it when
+complete, so a process killed mid-save leaves the previous checkpoint as the latest.
+
+A workdir is self-describing: `config.json` (model config), `tokenizer/`, `manifest.json`,
+`checkpoints/<step>/`. No pickle anywhere: arrays go through orbax/tensorstore, the rest
+is JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import subprocess
+from importlib import metadata
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from bert_jax.config import ModelConfig
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is partial, corrupt or of another architecture; names the path."""
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for p in ("bert_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
+              "tokenizers", "sentencepiece", "numpy"):
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_revision() -> str | None:
+    try:
+        here = pathlib.Path(__file__).resolve().parent
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_config(workdir: pathlib.Path, cfg: ModelConfig) -> None:
+    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+
+
+def read_config(folder: pathlib.Path) -> ModelConfig:
+    path = folder / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing: {folder} is not a bert_jax checkpoint folder")
+    return ModelConfig(**json.loads(path.read_text()))
+
+
+def check_same_architecture(workdir: pathlib.Path, cfg: ModelConfig) -> None:
+    """Resuming a workdir trained with another model is an error naming the fields."""
+    if not (workdir / "config.json").exists():
+        return
+    old = json.loads((workdir / "config.json").read_text())
+    new = dataclasses.asdict(cfg)
+    shape_fields = ("family", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size", "max_position_embeddings", "type_vocab_size",
+                    "embedding_size", "num_hidden_groups", "inner_group_num", "share_scope")
+    diff = [f"{k}: checkpoint {old.get(k)!r} vs flags {new[k]!r}" for k in shape_fields
+            if old.get(k) != new[k]]
+    if diff:
+        raise CheckpointError(f"--workdir={workdir} holds a checkpoint of another architecture "
+                              f"({'; '.join(diff)}); use a new --workdir or matching flags")
+
+
+class Checkpointer:
+    def __init__(self, workdir: pathlib.Path, keep: int = 3, async_save: bool = True):
+        self.dir = (workdir / "checkpoints").resolve()
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                            enable_async_checkpointing=async_save,
+                                            cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.dir, options=opts,
+                                             item_names=("state", "data", "manifest"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, manifest: dict, force: bool = False) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            manifest=ocp.args.JsonSave(manifest)), force=force)
+
+    def restore(self, step: int, abstract_state, shardings) -> tuple[Any, dict, dict]:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract_state, shardings)
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
+                manifest=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax/tensorstore raise many types; name the folder
+            raise CheckpointError(f"checkpoint {self.dir / str(step)} cannot be restored "
+                                  f"(partial or corrupt?): {type(e).__name__}: {e}") from e
+        return out["state"], out["data"], out["manifest"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

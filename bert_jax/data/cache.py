@@ -1,0 +1,134 @@
+"""Corpus -> documents -> sentences -> token ids, computed once and cached on disk.
+
+Cache layout (one folder per fingerprint of corpus files + tokenizer + splitting options,
+so a second run or another process reuses it; each shard is written to a temporary name
+and renamed, so concurrent writers are safe):
+
+    <cache_dir>/<fingerprint>/shard-00000.npz ...   one per source file
+        tokens      int32  [T]     token ids, no special tokens
+        word_start  uint8  [T]     1 where a token starts a word (whole-word masking)
+        sentences   int64  [S+1]   token offset of each sentence start
+        documents   int64  [D+1]   sentence offset of each document start
+    <cache_dir>/<fingerprint>/DONE
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from typing import Sequence
+
+import numpy as np
+from absl import logging
+
+from bert_jax.data import corpus as corpus_lib
+from bert_jax.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class TokenizedCorpus:
+    """All shards concatenated. Offsets index into `tokens` / `sentences`."""
+    tokens: np.ndarray
+    word_start: np.ndarray
+    sentences: np.ndarray
+    documents: np.ndarray
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.documents) - 1
+
+    def doc_token_range(self, d: int) -> tuple[int, int]:
+        return int(self.sentences[self.documents[d]]), int(self.sentences[self.documents[d + 1]])
+
+
+def fingerprint(files: Sequence[pathlib.Path], tokenizer: Tokenizer, document_boundary: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([FORMAT_VERSION, tokenizer.fingerprint(), document_boundary]).encode())
+    for f in files:
+        h.update(str(f.resolve()).encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def split_documents(path: pathlib.Path, document_boundary: str) -> list[list[str]]:
+    """A file's documents, each a list of sentences (pysbd, a rule-based splitter that
+    handles abbreviations, quotes and decimals), split paragraph by paragraph."""
+    import pysbd
+    seg = pysbd.Segmenter(language="en", clean=False)
+    text = corpus_lib.read_text(path).replace("\r\n", "\n")
+    paragraphs = [" ".join(l.strip() for l in p.splitlines() if l.strip()) for p in text.split("\n\n")]
+    paragraphs = [p for p in paragraphs if p]
+    sentences_of = lambda p: [s.strip() for s in seg.segment(p) if s.strip()]
+    if document_boundary == "blank_line":
+        return [s for s in (sentences_of(p) for p in paragraphs) if s]
+    doc = [s for p in paragraphs for s in sentences_of(p)]
+    return [doc] if doc else []
+
+
+def _tokenize_file(args) -> dict[str, np.ndarray]:
+    path, tokenizer_dir, document_boundary = args
+    tok = Tokenizer.load(tokenizer_dir)
+    docs = split_documents(pathlib.Path(path), document_boundary)
+    flat = [s for d in docs for s in d]
+    tokens, word_start, sent = [], [], [0]
+    for ids, words in tok.tokenize_batch(flat):
+        tokens.extend(ids)
+        word_start.extend(1 if i == 0 or words[i] != words[i - 1] else 0 for i in range(len(ids)))
+        sent.append(len(tokens))
+    doc_offsets = np.cumsum([0] + [len(d) for d in docs])
+    return dict(tokens=np.asarray(tokens, np.int32), word_start=np.asarray(word_start, np.uint8),
+                sentences=np.asarray(sent, np.int64), documents=doc_offsets.astype(np.int64))
+
+
+def build(files: Sequence[pathlib.Path], tokenizer: Tokenizer, tokenizer_dir: str | pathlib.Path,
+          cache_dir: str | pathlib.Path, document_boundary: str = "file",
+          workers: int | None = None) -> TokenizedCorpus:
+    """Tokenize `files` into the cache (if not there yet) and load it."""
+    if document_boundary not in ("file", "blank_line"):
+        raise ValueError(f"--document_boundary={document_boundary!r}: must be file or blank_line")
+    folder = pathlib.Path(cache_dir) / fingerprint(files, tokenizer, document_boundary)
+    if not (folder / "DONE").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        todo = [(i, f) for i, f in enumerate(files) if not (folder / f"shard-{i:05d}.npz").exists()]
+        logging.info("tokenizing %d file(s) into %s", len(todo), folder)
+        jobs = [(str(f), str(tokenizer_dir), document_boundary) for _, f in todo]
+        workers = workers or min(len(jobs), os.cpu_count() or 1) or 1
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                results = pool.map(_tokenize_file, jobs, chunksize=4)
+                for (i, _), shard in zip(todo, results):
+                    _write_shard(folder / f"shard-{i:05d}.npz", shard)
+        else:
+            for (i, _), job in zip(todo, jobs):
+                _write_shard(folder / f"shard-{i:05d}.npz", _tokenize_file(job))
+        (folder / "DONE").write_text(json.dumps([str(f) for f in files]))
+    return load(folder, len(files))
+
+
+def _write_shard(path: pathlib.Path, shard: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    os.close(fd)
+    np.savez(tmp, **shard)
+    os.replace(tmp, path)
+
+
+def load(folder: pathlib.Path, n_shards: int) -> TokenizedCorpus:
+    tokens, word_start, sentences, documents = [], [], [0], [0]
+    for i in range(n_shards):
+        with np.load(folder / f"shard-{i:05d}.npz", allow_pickle=False) as z:
+            t_off, s_off = sum(len(x) for x in tokens), len(sentences) - 1
+            tokens.append(z["tokens"])
+            word_start.append(z["word_start"])
+            sentences.extend((z["sentences"][1:] + t_off).tolist())
+            documents.extend((z["documents"][1:] + s_off).tolist())
+    if not tokens or sum(len(t) for t in tokens) == 0:
+        raise corpus_lib.CorpusError(f"the corpus yields no tokens (cache {folder})")
+    return TokenizedCorpus(np.concatenate(tokens), np.concatenate(word_start),
+                           np.asarray(sentences, np.int64), np.asarray(documents, np.int64))

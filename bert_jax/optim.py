@@ -1,0 +1,91 @@
+"""Optimizers and schedules, composed from optax parts.
+
+  adamw        AdamW with decoupled weight decay (optax), bias-corrected.
+  adamw_bert   BERT's original AdamWeightDecayOptimizer: Adam without bias correction
+               (google-research/bert optimization.py).
+  lamb         ALBERT's LAMB (google-research/albert lamb_optimizer.py): Adam moments
+               without bias correction, weight decay, then the layer-wise trust ratio;
+               LayerNorm and bias parameters are excluded from BOTH decay and layer
+               adaptation. optax.lamb excludes them from neither, so it is built here.
+All: global-norm clipping first; linear warmup, then linear or polynomial decay to 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+OPTIMIZERS = ("adamw", "adamw_bert", "lamb")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-4
+    warmup_steps: int = 10000
+    train_steps: int = 1000000
+    decay_power: float = 1.0      # 1 = linear decay
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-6
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer={self.optimizer!r}: must be one of {OPTIMIZERS}")
+        if self.warmup_steps > self.train_steps:
+            raise ValueError(f"--warmup_steps={self.warmup_steps} exceeds --train_steps={self.train_steps}")
+
+
+def schedule(c: OptimConfig) -> optax.Schedule:
+    warm = optax.linear_schedule(0.0, c.learning_rate, max(c.warmup_steps, 1))
+    decay = optax.polynomial_schedule(c.learning_rate, 0.0, c.decay_power,
+                                      max(c.train_steps - c.warmup_steps, 1))
+    return optax.join_schedules([warm, decay], [c.warmup_steps])
+
+
+def decay_mask(params):
+    """True for params that get weight decay / layer adaptation: not LayerNorm, not bias."""
+    def keep(path, _):
+        names = [getattr(k, "key", getattr(k, "name", "")) for k in path]
+        return not ("bias" in names or "norm" in names or "scale" in names)
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+class _AdamState(NamedTuple):
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def scale_by_adam_no_bias_correction(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """m / (sqrt(v) + eps) with raw (uncorrected) moments, as BERT and ALBERT do."""
+    def init(params):
+        zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+        return _AdamState(zeros(), zeros())
+
+    def update(g, state, params=None):
+        mu = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, state.mu, g)
+        nu = jax.tree.map(lambda v, x: b2 * v + (1 - b2) * x * x, state.nu, g)
+        return jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu), _AdamState(mu, nu)
+    return optax.GradientTransformation(init, update)
+
+
+def make(c: OptimConfig) -> optax.GradientTransformation:
+    lr = schedule(c)
+    clip = optax.clip_by_global_norm(c.max_grad_norm) if c.max_grad_norm > 0 else optax.identity()
+    if c.optimizer == "adamw":
+        return optax.chain(clip, optax.adamw(lr, c.b1, c.b2, c.eps, weight_decay=c.weight_decay,
+                                             mask=decay_mask))
+    if c.optimizer == "adamw_bert":
+        return optax.chain(clip, scale_by_adam_no_bias_correction(c.b1, c.b2, c.eps),
+                           optax.add_decayed_weights(c.weight_decay, decay_mask),
+                           optax.scale_by_learning_rate(lr))
+    return optax.chain(clip, scale_by_adam_no_bias_correction(c.b1, c.b2, c.eps),
+                       optax.add_decayed_weights(c.weight_decay, decay_mask),
+                       optax.masked(optax.scale_by_trust_ratio(), decay_mask),
+                       optax.scale_by_learning_rate(lr))

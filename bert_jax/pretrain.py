@@ -1,0 +1,31 @@
+"""`pretrain` job: pretrain BERT / RoBERTa / ALBERT from scratch, or resume.
+
+    ./launch.sh pretrain --flagfile=experiments/quickstart.flags [--flag=value ...]
+"""
+
+import json
+
+from absl import app
+
+from bert_jax import flags
+
+
+def main(argv):
+    opts = flags.pretrain_options(argv)
+    flags.quiet_library_logs()
+    flags.init_distributed()
+    from bert_jax import pretraining
+    summary = pretraining.run(opts)
+    held = summary.get("heldout", {})
+    line = f"pretrain: step {summary['step']}"
+    if held:
+        line += (f", held-out MLM accuracy {held['mlm_accuracy']:.4f} (loss {held['mlm_loss']:.3f})"
+                 + (f", NSP/SOP accuracy {held['sentence_accuracy']:.4f}" if "sentence_accuracy" in held else ""))
+    print(line)
+    print(f"checkpoint: {summary['checkpoint']}\nmetrics: {summary['metrics']}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    flags.define_pretrain_flags()
+    app.run(main)

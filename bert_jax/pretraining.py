@@ -1,0 +1,287 @@
+"""The pretraining run: everything `pretrain` does, as importable functions.
+
+run(opts) sets up (or resumes) a workdir, builds the data pipeline, creates the sharded
+state, trains with periodic evaluation and checkpoints, and returns a summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from bert_jax import checkpoint as ckpt_lib
+from bert_jax import optim, sharding, train
+from bert_jax.config import ConfigError, ModelConfig, variant
+from bert_jax.data import cache, corpus, instances, loader, masking
+from bert_jax.tokenizer import FAMILY_KIND, Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainOptions:
+    workdir: str
+    corpus: str
+    heldout_corpus: str | None = None
+    tokenizer: str | None = None            # folder; trained into workdir if absent
+    tokenizer_vocab_size: int = 8000        # when the tokenizer is trained here
+    lowercase: bool = True
+    cache_dir: str | None = None            # default <workdir>/cache
+    document_boundary: str = "file"
+    variant: str = "bert-tiny"
+    model_overrides: tuple[tuple[str, Any], ...] = ()
+    max_seq_length: int = 128
+    max_predictions_per_seq: int = 20
+    masked_lm_prob: float = 0.15
+    whole_word_masking: bool = False
+    max_ngram: int = 1
+    short_seq_prob: float = 0.1
+    max_examples_per_row: int = 1
+    batch_size: int = 32                    # global, all processes and microbatches
+    grad_accum: int = 1
+    train_steps: int = 1000
+    optim: optim.OptimConfig = optim.OptimConfig()
+    seed: int = 0
+    mesh_data: int = -1
+    mesh_fsdp: int = 1
+    mesh_tensor: int = 1
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    log_every: int = 50
+    eval_every: int = 500
+    eval_batches: int = 10
+    max_nonfinite_streak: int = 10
+    progress_bar: bool = True
+    resolved_flags: str = ""
+
+
+class PretrainError(RuntimeError):
+    """A run cannot go on; the message names the step and the last good checkpoint."""
+
+
+def model_config(o: PretrainOptions, tokenizer: Tokenizer) -> ModelConfig:
+    overrides = dict(o.model_overrides)
+    base = variant(o.variant)
+    overrides.setdefault("vocab_size", tokenizer.vocab_size)
+    overrides.setdefault("pad_token_id", tokenizer.pad_id)
+    cfg = base.replace(**overrides)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} tokens ({o.tokenizer or 'workdir tokenizer'})")
+    if FAMILY_KIND[cfg.family] != tokenizer.kind:
+        logging.warning("family %s usually uses a %s tokenizer, this one is %s",
+                        cfg.family, FAMILY_KIND[cfg.family], tokenizer.kind)
+    cfg.check_sequence_length(o.max_seq_length)
+    if o.batch_size % o.grad_accum:
+        raise ConfigError(f"--batch_size={o.batch_size} is not divisible by --grad_accum={o.grad_accum}")
+    return cfg
+
+
+def prepare_tokenizer(o: PretrainOptions, workdir: pathlib.Path) -> tuple[Tokenizer, pathlib.Path]:
+    """The run's tokenizer, copied into <workdir>/tokenizer. Trained from the corpus
+    (WordPiece unless the variant's family says otherwise) when no folder is given."""
+    dest = workdir / "tokenizer"
+    if dest.exists() and any(dest.iterdir()):
+        return Tokenizer.load(dest), dest
+    if o.tokenizer:
+        from bert_jax.tokenizer import copy_files
+        copy_files(o.tokenizer, dest)
+        return Tokenizer.load(dest), dest
+    from bert_jax import vocab
+    kind = FAMILY_KIND[variant(o.variant).family]
+    logging.info("no --tokenizer: training a %s vocabulary of %d on --corpus", kind, o.tokenizer_vocab_size)
+    return vocab.train(kind, o.corpus, o.tokenizer_vocab_size, dest, lowercase=o.lowercase), dest
+
+
+def make_source(o: PretrainOptions, cfg: ModelConfig, tok: Tokenizer, tok_dir, corpus_glob,
+                seed: int, cache_dir: pathlib.Path, flag: str) -> loader.PretrainSource:
+    files = corpus.expand(corpus_glob, flag)
+    tc = cache.build(files, tok, tok_dir, cache_dir, o.document_boundary)
+    if cfg.sentence_objective == "nsp" and tc.num_documents < 2 and o.document_boundary == "file":
+        # NSP draws random next segments from other documents: one file is one document.
+        logging.warning("%s has one document; NSP needs several, so paragraphs (blank "
+                        "lines) are taken as documents", flag)
+        tc = cache.build(files, tok, tok_dir, cache_dir, "blank_line")
+    icfg = instances.InstanceConfig(o.max_seq_length, cfg.sentence_objective, o.short_seq_prob)
+    inst = instances.build(tc, icfg, seed)
+    pcfg = loader.PipelineConfig(max_seq_length=o.max_seq_length, objective=cfg.sentence_objective,
+                                 global_batch_size=o.batch_size, seed=seed,
+                                 position_offset=cfg.position_offset,
+                                 max_examples_per_row=o.max_examples_per_row)
+    mcfg = masking.MaskingConfig(o.masked_lm_prob, o.max_predictions_per_seq,
+                                 o.whole_word_masking, o.max_ngram)
+    specials = instances.SpecialIds(tok.cls_id, tok.sep_id, tok.pad_id, tok.mask_id)
+    return loader.PretrainSource(tc, inst, pcfg, mcfg, specials, tok.vocab_size,
+                                 jax.process_index(), jax.process_count())
+
+
+class _Stop:
+    """SIGTERM sets a flag; the loop checkpoints at its current step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread (e.g. called from a test thread)
+            self._old = None
+        return self
+
+    def _handler(self, signum, frame):
+        logging.warning("SIGTERM: checkpointing at the current step, then exiting")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _write_jsonl(path: pathlib.Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def evaluate(eval_step, params, source: loader.PretrainSource, n_batches: int, batch_sharding) -> dict:
+    """Held-out MLM loss/accuracy and NSP/SOP accuracy over the first `n_batches`
+    batches of the held-out stream (fixed seed, so every evaluation sees the same data)."""
+    it = loader.make_iterator(source)
+    total: dict[str, float] = {}
+    for _ in range(n_batches):
+        b = next(it)
+        b = {k: jax.make_array_from_process_local_data(batch_sharding(v.ndim), v,
+                                                        (source.cfg.global_batch_size,) + v.shape[1:])
+             for k, v in b.items()}
+        m = jax.device_get(eval_step(params, b))
+        for k, v in m.items():
+            total[k] = total.get(k, 0.0) + float(v)
+    return train.summarize(total)
+
+
+def run(o: PretrainOptions) -> dict:
+    workdir = pathlib.Path(o.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tok, tok_dir = prepare_tokenizer(o, workdir)
+    cfg = model_config(o, tok)
+    ckpt_lib.check_same_architecture(workdir, cfg)
+    mesh = sharding.make_mesh(o.mesh_data, o.mesh_fsdp, o.mesh_tensor)
+    cache_dir = pathlib.Path(o.cache_dir) if o.cache_dir else workdir / "cache"
+    src = make_source(o, cfg, tok, tok_dir, o.corpus, o.seed, cache_dir, "--corpus")
+    held = (make_source(o, cfg, tok, tok_dir, o.heldout_corpus, 12345, cache_dir, "--heldout_corpus")
+            if o.heldout_corpus else None)
+
+    ocfg = dataclasses.replace(o.optim, train_steps=o.train_steps)
+    tx, lr_fn = optim.make(ocfg), optim.schedule(ocfg)
+    abstract, state_sh = train.state_shardings(cfg, tx, o.max_seq_length, mesh)
+    batch_sh = lambda ndim: sharding.data_sharding(mesh, ndim)
+    ckpt = ckpt_lib.Checkpointer(workdir, o.keep_checkpoints, o.async_checkpoint)
+    start = ckpt.latest_step()
+    if start is not None:
+        state, data_state, _ = ckpt.restore(start, abstract, state_sh)
+        logging.info("resuming from %s at step %d", ckpt.dir / str(start), start)
+    else:
+        state, data_state = train.create_state(cfg, tx, o.max_seq_length, o.seed, mesh), None
+        start = 0
+    ckpt_lib.write_config(workdir, cfg)
+    manifest = dict(flags=o.resolved_flags, git_revision=ckpt_lib.git_revision(),
+                    tokenizer_fingerprint=tok.fingerprint(), packages=ckpt_lib.package_versions(),
+                    model_config=dataclasses.asdict(cfg), devices=str(jax.devices()[:4]),
+                    process_count=jax.process_count())
+    (workdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    (workdir / "flags.txt").write_text(o.resolved_flags)
+
+    it = loader.make_iterator(src, data_state)
+    example = {k: v for k, v in src.example(0).items()}
+    example = {k: np.zeros((o.batch_size,) + v.shape, v.dtype) for k, v in example.items()}
+    step_fn = train.make_train_step(cfg, tx, o.grad_accum, state_sh, batch_sh, example, mesh)
+    eval_fn = train.make_eval_step(cfg, mesh)
+    prefetch = loader.DevicePrefetcher(it, batch_sh, o.batch_size)
+    metrics_path = workdir / "metrics.jsonl"
+    writer = _tensorboard(workdir)
+    bar = _progress(o, start)
+    summary: dict[str, Any] = {}
+    last_saved, data_state_now = start, data_state
+    t_last, tokens_since = time.perf_counter(), 0.0
+    acc: dict[str, float] = {}
+    n_acc = 0
+    with _Stop() as stop, jax.set_mesh(mesh):
+        step = start
+        while step < o.train_steps:
+            batch, data_state_now = next(prefetch)
+            state, m = step_fn(state, batch)
+            step += 1
+            m = jax.device_get(m)
+            for k, v in m.items():
+                acc[k] = acc.get(k, 0.0) + float(v)
+            n_acc += 1
+            tokens_since += float(m["real_tokens"])
+            if int(state.nonfinite_streak) >= o.max_nonfinite_streak:
+                raise PretrainError(
+                    f"step {step}: {o.max_nonfinite_streak} non-finite losses/gradients in a row; "
+                    f"stopping. Last good checkpoint: {ckpt.dir / str(last_saved) if last_saved else 'none'}")
+            if not m["finite"]:
+                logging.warning("step %d: non-finite loss or gradient, update skipped", step)
+            if step % o.log_every == 0 or step == o.train_steps:
+                now = time.perf_counter()
+                rec = dict(step=step, loss=acc["loss"] / n_acc, learning_rate=float(lr_fn(step)),
+                           tokens_per_s=tokens_since / (now - t_last),
+                           nonfinite_total=int(state.nonfinite_total), **train.summarize(acc))
+                _write_jsonl(metrics_path, rec)
+                if writer:
+                    for k, v in rec.items():
+                        if k != "step":
+                            writer.add_scalar(f"train/{k}", v, step)
+                if bar:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['learning_rate']:.2e}",
+                                    tok_s=f"{rec['tokens_per_s']:.0f}")
+                acc, n_acc, t_last, tokens_since = {}, 0, now, 0.0
+            if bar:
+                bar.update(1)
+            if held and (step % o.eval_every == 0 or step == o.train_steps):
+                ev = evaluate(eval_fn, state.params, held, o.eval_batches, batch_sh)
+                summary["heldout"] = ev
+                _write_jsonl(metrics_path, dict(step=step, **{f"heldout_{k}": v for k, v in ev.items()}))
+                if writer:
+                    for k, v in ev.items():
+                        writer.add_scalar(f"heldout/{k}", v, step)
+                logging.info("step %d held-out %s", step, ev)
+            if step % o.checkpoint_every == 0 or step == o.train_steps or stop.requested:
+                ckpt.save(step, state, data_state_now, manifest, force=stop.requested)
+                last_saved = step
+            if stop.requested:
+                break
+    prefetch.close()
+    ckpt.close()
+    if bar:
+        bar.close()
+    if writer:
+        writer.close()
+    summary.update(step=step, workdir=str(workdir), checkpoint=str(ckpt.dir / str(last_saved)),
+                   metrics=str(metrics_path), stopped_by_signal=stop.requested)
+    return summary
+
+
+def _tensorboard(workdir: pathlib.Path):
+    if jax.process_index() != 0:
+        return None
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def _progress(o: PretrainOptions, start: int):
+    if not o.progress_bar or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=o.train_steps, initial=start, desc="pretrain", unit="step", mininterval=1.0)
