@@ -109,3 +109,26 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def load_params(workdir: str | pathlib.Path, step: int | None = None) -> tuple[ModelConfig, Any, int]:
+    """(model config, pretraining params as host arrays, step) of a pretrain workdir's
+    latest (or given) checkpoint."""
+    workdir = pathlib.Path(workdir)
+    cfg = read_config(workdir)
+    directory = (workdir / "checkpoints").resolve()
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} does not exist: {workdir} holds no checkpoint")
+    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                 item_names=("state", "data", "manifest"))
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"{directory} holds no complete checkpoint")
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {directory / str(step)} cannot be restored: "
+                              f"{type(e).__name__}: {e}") from e
+    finally:
+        mngr.close()
+    return cfg, jax.device_get(out["state"]["params"]), step

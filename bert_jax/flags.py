@@ -119,6 +119,7 @@ def define_pretrain_flags(fv: flags.FlagValues = FLAGS, required: bool = True) -
     D.DEFINE_integer("eval_batches", 10, "Held-out batches per evaluation.", lower_bound=1, flag_values=fv)
     D.DEFINE_integer("max_nonfinite_streak", 10, "Stop after this many non-finite steps in a row.", flag_values=fv)
     D.DEFINE_bool("progress_bar", True, "Show a progress bar.", flag_values=fv)
+    D.DEFINE_integer("stop_at_step", None, "Checkpoint and exit at this step, keeping the schedule of --train_steps.", flag_values=fv)
     define_distributed_flags(fv)
     if required:
         flags.mark_flags_as_required(["workdir", "corpus"], flag_values=fv)
@@ -174,7 +175,7 @@ def pretrain_options(argv=None, fv: flags.FlagValues = FLAGS):
              "short_seq_prob", "max_examples_per_row", "batch_size", "grad_accum", "train_steps",
              "seed", "mesh_data", "mesh_fsdp", "mesh_tensor", "checkpoint_every",
              "keep_checkpoints", "async_checkpoint", "log_every", "eval_every", "eval_batches",
-             "max_nonfinite_streak", "progress_bar")
+             "max_nonfinite_streak", "progress_bar", "stop_at_step")
     try:
         return PretrainOptions(**{n: fv[n].value for n in names}, model_overrides=model_overrides(fv),
                                optim=optim_config(fv), resolved_flags=resolved(fv))

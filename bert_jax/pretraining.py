@@ -60,6 +60,7 @@ class PretrainOptions:
     eval_batches: int = 10
     max_nonfinite_streak: int = 10
     progress_bar: bool = True
+    stop_at_step: int | None = None         # checkpoint and exit early (schedule unchanged)
     resolved_flags: str = ""
 
 
@@ -254,6 +255,8 @@ def run(o: PretrainOptions) -> dict:
                     for k, v in ev.items():
                         writer.add_scalar(f"heldout/{k}", v, step)
                 logging.info("step %d held-out %s", step, ev)
+            if o.stop_at_step is not None and step >= o.stop_at_step:
+                stop.requested = True
             if step % o.checkpoint_every == 0 or step == o.train_steps or stop.requested:
                 ckpt.save(step, state, data_state_now, manifest, force=stop.requested)
                 last_saved = step
@@ -266,7 +269,7 @@ def run(o: PretrainOptions) -> dict:
     if writer:
         writer.close()
     summary.update(step=step, workdir=str(workdir), checkpoint=str(ckpt.dir / str(last_saved)),
-                   metrics=str(metrics_path), stopped_by_signal=stop.requested)
+                   metrics=str(metrics_path), stopped_early=stop.requested)
     return summary
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import pathlib
 import tempfile
@@ -101,7 +102,9 @@ def build(files: Sequence[pathlib.Path], tokenizer: Tokenizer, tokenizer_dir: st
         jobs = [(str(f), str(tokenizer_dir), document_boundary) for _, f in todo]
         workers = workers or min(len(jobs), os.cpu_count() or 1) or 1
         if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
+            # spawn, not fork: the parent runs JAX threads, which fork would deadlock.
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
                 results = pool.map(_tokenize_file, jobs, chunksize=4)
                 for (i, _), shard in zip(todo, results):
                     _write_shard(folder / f"shard-{i:05d}.npz", shard)

@@ -1,0 +1,204 @@
+"""Pretraining end to end: exact resume (also after SIGKILL and SIGTERM), all three
+families, bad input, bench."""
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from absl import flags as absl_flags
+
+from bert_jax import checkpoint, flags, pretraining
+from bert_jax.config import ConfigError
+from bert_jax.data.corpus import CorpusError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = REPO / "experiments" / "tiny.flags"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tokenizer_dir(tmp_path_factory):
+    """One tokenizer for every run here. (tokenizers' trainers break frequency ties in
+    hash order, so two trainings on the same text can differ; a resumed run reuses its
+    workdir's tokenizer, so that never affects resume.)"""
+    from bert_jax import vocab
+    global TOKENIZER
+    TOKENIZER = tmp_path_factory.mktemp("tok") / "wordpiece"
+    vocab.train("wordpiece", f"{REPO}/bert_jax/corpus/train/shakespeare-*.txt", 500, TOKENIZER)
+    return TOKENIZER
+
+
+def options(workdir, *extra):
+    """PretrainOptions from experiments/tiny.flags plus overrides, through the real flag
+    definitions (a private FlagValues)."""
+    fv = absl_flags.FlagValues()
+    flags.define_pretrain_flags(fv)
+    fv([sys.argv[0], f"--flagfile={TINY}", f"--workdir={workdir}", f"--tokenizer={TOKENIZER}", *extra])
+    os.chdir(REPO)  # flag files name corpus paths relative to the repo
+    return flags.pretrain_options(None, fv)
+
+
+def losses(workdir) -> dict[int, float]:
+    out = {}
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]  # a re-run step overwrites: the last word counts
+    return out
+
+
+def assert_same_params(a, b):
+    fa, fb = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
+    assert [p for p, _ in fa] == [p for p, _ in fb]
+    for (path, x), (_, y) in zip(fa, fb):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted tiny run of 8 steps, logging every step."""
+    wd = tmp_path_factory.mktemp("ref")
+    pretraining.run(options(wd, "--log_every=1"))
+    return wd
+
+
+def test_exact_resume_in_process(reference, tmp_path):
+    o = options(tmp_path, "--log_every=1", "--stop_at_step=4")
+    s = pretraining.run(o)
+    assert s["step"] == 4 and s["stopped_early"]
+    pretraining.run(options(tmp_path, "--log_every=1"))
+    ref, got = losses(reference), losses(tmp_path)
+    assert sorted(got) == list(range(1, 9))
+    assert got == ref  # the same loss at every step, bit for bit
+    _, p_ref, _ = checkpoint.load_params(reference)
+    _, p_got, step = checkpoint.load_params(tmp_path)
+    assert step == 8
+    assert_same_params(p_got, p_ref)
+
+
+def _pretrain_cmd(workdir, *extra):
+    return [sys.executable, "-m", "bert_jax.pretrain", f"--flagfile={TINY}", f"--workdir={workdir}",
+            f"--tokenizer={TOKENIZER}", "--log_every=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory):
+    """A 24-step run in a subprocess (the same environment as the interrupted ones)."""
+    wd = tmp_path_factory.mktemp("longref")
+    subprocess.run(_pretrain_cmd(wd, "--train_steps=24", "--checkpoint_every=3"), cwd=REPO,
+                   check=True, capture_output=True)
+    return wd
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(long_reference, tmp_path):
+    """Killed with SIGKILL at a random moment (checkpoints are async and every 3 steps,
+    so saves are often in flight), the rerun continues from the last complete checkpoint
+    with the same data and masks: every step's loss equals the uninterrupted run's."""
+    cmd = _pretrain_cmd(tmp_path, "--train_steps=24", "--checkpoint_every=3")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 6):
+        time.sleep(0.05)
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(losses(tmp_path))
+    assert killed_at < 24, "the run finished before it could be killed"
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    assert losses(tmp_path) == losses(long_reference)
+    _, p_ref, _ = checkpoint.load_params(long_reference)
+    _, p_got, _ = checkpoint.load_params(tmp_path)
+    assert_same_params(p_got, p_ref)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_current_step(long_reference, tmp_path):
+    cmd = _pretrain_cmd(tmp_path, "--train_steps=24", "--checkpoint_every=100")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    saved = checkpoint.Checkpointer(tmp_path).latest_step()
+    assert saved is not None and 5 <= saved < 24  # checkpoint_every=100: only SIGTERM saved it
+    assert "SIGTERM" in err
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    assert losses(tmp_path) == losses(long_reference)
+
+
+@pytest.mark.parametrize("variant,extra", [
+    ("albert-base", ["--embedding_size=24", "--num_hidden_groups=1", "--max_ngram=3"]),
+    ("roberta-base", ["--max_examples_per_row=3", "--whole_word_masking"]),
+])
+def test_albert_and_roberta_pretrain_end_to_end(variant, extra, tmp_path):
+    s = pretraining.run(options(tmp_path, f"--variant={variant}", "--train_steps=4",
+                                "--max_position_embeddings=64", *extra))
+    assert s["step"] == 4
+    cfg, params, _ = checkpoint.load_params(tmp_path)
+    assert cfg.family == variant.split("-")[0]
+    if cfg.family == "albert":  # shared: one copy of the layer
+        assert params["backbone"]["encoder"]["layer"]["attention"]["query"]["kernel"].ndim == 3
+        assert "sentence_accuracy" in s["heldout"]  # SOP
+    else:
+        assert "sentence_accuracy" not in s["heldout"]
+    assert all(np.isfinite(v) for v in losses(tmp_path).values())
+
+
+def test_misspelled_flag_is_named():
+    res = subprocess.run([sys.executable, "-m", "bert_jax.pretrain", f"--flagfile={TINY}",
+                          "--workdir=/tmp/x", "--learning_rat=1e-3"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "learning_rat" in res.stderr
+
+
+def test_missing_corpus_is_named(tmp_path):
+    with pytest.raises(CorpusError, match="--corpus: '.*nothing-here.txt' matches no file"):
+        pretraining.run(options(tmp_path, f"--corpus={tmp_path}/nothing-here.txt"))
+
+
+def test_tokenizer_larger_than_model_vocab(tmp_path):
+    with pytest.raises(ConfigError, match="vocab_size=100 is smaller than the tokenizer's 500"):
+        pretraining.run(options(tmp_path, "--vocab_size=100"))
+
+
+def test_other_architecture_and_corrupt_checkpoint(reference, tmp_path):
+    import shutil
+    wd = tmp_path / "wd"
+    shutil.copytree(reference, wd)
+    before = sorted(str(p.relative_to(wd)) for p in wd.rglob("*"))
+    with pytest.raises(checkpoint.CheckpointError, match="another architecture .*hidden_size: checkpoint 32 vs flags 48"):
+        pretraining.run(options(wd, "--hidden_size=48"))
+    # Corrupt the latest checkpoint's array data.
+    step_dir = wd / "checkpoints" / "8" / "state"
+    victims = [p for p in step_dir.rglob("*") if p.is_file() and p.stat().st_size > 1000]
+    for v in victims:
+        v.write_bytes(b"\0" * 64)
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint .*checkpoints/8 cannot be restored"):
+        pretraining.run(options(wd, "--train_steps=12"))
+    after = sorted(str(p.relative_to(wd)) for p in wd.rglob("*"))
+    assert set(before) <= set(after)  # nothing already written was removed
+
+
+def test_bench_prints_every_field(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "bert_jax.bench", f"--flagfile={TINY}", "--steps=2",
+                          "--warmup=1", "--seq_len=16,24", "--vocab_size=101"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [json.loads(l) for l in res.stdout.splitlines() if l.startswith("{")]
+    assert [l["seq_len"] for l in lines] == [16, 24]
+    for l in lines:
+        for k in ("compile_s", "step_ms", "real_tokens_per_s", "mfu", "peak_memory_gb", "device"):
+            assert k in l
+        assert l["step_ms"] > 0 and l["real_tokens_per_s"] == pytest.approx(8 * l["seq_len"] / l["step_ms"] * 1e3, rel=1e-3)
