@@ -38,21 +38,28 @@ class PipelineConfig:
     prefetch: int = 64
 
 
-def pack_rows(lengths: np.ndarray, max_len: int, max_per_row: int, seed: int) -> np.ndarray:
-    """Greedy next-fit packing of instances (in a seeded random order) into rows of at
-    most `max_len` tokens and `max_per_row` instances. int64 [R, max_per_row], -1 pad."""
+def pack_rows(lengths: np.ndarray, max_len: int, max_per_row: int, seed: int,
+              window: int = 64) -> np.ndarray:
+    """First-fit packing of instances (in a seeded random order) into rows of at most
+    `max_len` tokens and `max_per_row` instances, looking at the `window` most recent
+    open rows. int64 [R, max_per_row], -1 pad."""
     order = np.random.default_rng([seed, 7]).permutation(len(lengths))
-    rows, cur, used = [], [], 0
+    done: list[list[int]] = []
+    open_rows: list[tuple[list[int], int]] = []  # (members, tokens used)
     for i in order:
-        if cur and (used + lengths[i] > max_len or len(cur) == max_per_row):
-            rows.append(cur)
-            cur, used = [], 0
-        cur.append(int(i))
-        used += int(lengths[i])
-    if cur:
-        rows.append(cur)
-    out = np.full((len(rows), max_per_row), -1, np.int64)
-    for r, row in enumerate(rows):
+        n = int(lengths[i])
+        for j, (members, used) in enumerate(open_rows):
+            if used + n <= max_len and len(members) < max_per_row:
+                members.append(int(i))
+                open_rows[j] = (members, used + n)
+                break
+        else:
+            open_rows.append(([int(i)], n))
+            if len(open_rows) > window:
+                done.append(open_rows.pop(0)[0])
+    done += [m for m, _ in open_rows]
+    out = np.full((len(done), max_per_row), -1, np.int64)
+    for r, row in enumerate(done):
         out[r, :len(row)] = row
     return out
 
