@@ -190,3 +190,57 @@ def define_bench_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.", lower_bound=0, flag_values=fv)
     flags.DEFINE_list("seq_len", [], "Sequence lengths to time (default: --max_seq_length).", flag_values=fv)
     flags.DEFINE_float("peak_tflops", None, "Device peak for MFU (default: known GPUs' bf16 dense peak).", flag_values=fv)
+
+
+# ---------------------------------------------------------------------- convert ----
+@dataclasses.dataclass(frozen=True)
+class ConvertOptions:
+    from_hf: str | None
+    out: str | None
+    checkpoint: str | None
+    to_hf: str | None
+    hf_dtype: str
+
+
+def define_convert_flags(fv: flags.FlagValues = FLAGS) -> None:
+    flags.DEFINE_string("from_hf", None, "Hugging Face folder to import.", flag_values=fv)
+    flags.DEFINE_string("out", None, "Our checkpoint folder to write (with --from_hf).", flag_values=fv)
+    flags.DEFINE_string("checkpoint", None, "Our checkpoint folder to export.", flag_values=fv)
+    flags.DEFINE_string("to_hf", None, "Hugging Face folder to write (with --checkpoint).", flag_values=fv)
+    flags.DEFINE_enum("hf_dtype", "float32", ["float32", "bfloat16"], "Exported tensor dtype.", flag_values=fv)
+
+
+def convert_options(argv=None, fv: flags.FlagValues = FLAGS) -> ConvertOptions:
+    _unparsed(argv)
+    o = ConvertOptions(fv.from_hf, fv.out, fv.checkpoint, fv.to_hf, fv.hf_dtype)
+    if bool(o.from_hf) == bool(o.checkpoint):
+        raise FlagError("give either --from_hf=DIR --out=DIR or --checkpoint=DIR --to_hf=DIR")
+    if o.from_hf and not o.out:
+        raise FlagError("--from_hf needs --out")
+    if o.checkpoint and not o.to_hf:
+        raise FlagError("--checkpoint needs --to_hf")
+    return o
+
+
+# ----------------------------------------------------------------------- encode ----
+@dataclasses.dataclass(frozen=True)
+class EncodeOptions:
+    checkpoint: str
+    input: str
+    output: str
+    max_length: int
+    batch_size: int
+
+
+def define_encode_flags(fv: flags.FlagValues = FLAGS) -> None:
+    flags.DEFINE_string("checkpoint", None, "Checkpoint folder (ours or Hugging Face).", flag_values=fv)
+    flags.DEFINE_string("input", None, ".txt (text or text<TAB>text per line) or .jsonl (text, text_pair).", flag_values=fv)
+    flags.DEFINE_string("output", None, "Output .npz file.", flag_values=fv)
+    flags.DEFINE_integer("max_length", 512, "Truncate inputs to this many tokens.", lower_bound=3, flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "Texts per forward pass.", lower_bound=1, flag_values=fv)
+    flags.mark_flags_as_required(["checkpoint", "input", "output"], flag_values=fv)
+
+
+def encode_options(argv=None, fv: flags.FlagValues = FLAGS) -> EncodeOptions:
+    _unparsed(argv)
+    return EncodeOptions(fv.checkpoint, fv.input, fv.output, fv.max_length, fv.batch_size)

@@ -255,11 +255,14 @@ def to_hf(params, cfg: ModelConfig, task: str) -> dict[str, np.ndarray]:
     """Our (unboxed) params -> {HF name: array}. Tied decoder weights are left out, as
     `save_pretrained` leaves them out."""
     out = {}
+    prefix = f"{cfg.family}."
     for e in hf_entries(cfg, task):
         x = np.asarray(_get(params, e.path))
         if e.copy is not None:
             x = x[e.copy]
-        out[e.hf] = np.ascontiguousarray(_ours_to_hf(x, e.kind))
+        # A bare <Family>Model names its tensors without the prefix, as HF saves it.
+        name = e.hf.removeprefix(prefix) if task == "base" else e.hf
+        out[name] = np.ascontiguousarray(_ours_to_hf(x, e.kind))
     return out
 
 

@@ -1,0 +1,229 @@
+"""Hugging Face <-> bert_jax checkpoints, for every family and head; and the `convert` job.
+
+    ./launch.sh convert --from_hf=HF_DIR --out=OUR_DIR
+    ./launch.sh convert --checkpoint=OUR_DIR --to_hf=HF_DIR [--hf_dtype=bfloat16]
+
+Python API: `load(folder)` reads either kind of folder into (config, task, params,
+tokenizer folder); `save_ours` / `save_hf` write them. Only safetensors are read or
+written (a folder with only pytorch_model.bin is refused: loading it would unpickle).
+Writes go to a temporary folder renamed into place, so a failure leaves nothing partial
+in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from bert_jax import checkpoint, rename
+from bert_jax.config import ModelConfig
+
+# transformers architecture name -> our task
+ARCHITECTURES = {}
+for _fam, _Fam in (("bert", "Bert"), ("roberta", "Roberta"), ("albert", "Albert")):
+    ARCHITECTURES.update({
+        f"{_Fam}Model": (_fam, "base"),
+        f"{_Fam}ForSequenceClassification": (_fam, "sequence_classification"),
+        f"{_Fam}ForTokenClassification": (_fam, "token_classification"),
+        f"{_Fam}ForQuestionAnswering": (_fam, "question_answering"),
+    })
+ARCHITECTURES.update({"BertForPreTraining": ("bert", "pretraining"),
+                      "RobertaForMaskedLM": ("roberta", "pretraining"),
+                      "AlbertForPreTraining": ("albert", "pretraining")})
+HF_ARCHITECTURE = {v: k for k, v in ARCHITECTURES.items()}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "spiece.model", "added_tokens.json")
+MAX_SHARD_BYTES = 2 * 2**30
+
+
+class ConvertError(ValueError):
+    """The folder cannot be converted; the message names the file or tensor."""
+
+
+# ------------------------------------------------------------------ HF -> arrays ----
+def read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if single.exists():
+        return load_file(str(single))
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        out = {}
+        for f in files:
+            if not (folder / f).exists():
+                raise ConvertError(f"{index} names shard {f}, which is missing")
+            out.update(load_file(str(folder / f)))
+        return out
+    if any((folder / n).exists() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise ConvertError(f"{folder} has only pytorch_model.bin: bert_jax never loads pickle files. "
+                           "Convert it to safetensors first (transformers: "
+                           "model.save_pretrained(dir, safe_serialization=True)).")
+    raise ConvertError(f"{folder} has no model.safetensors or model.safetensors.index.json")
+
+
+def load_hf(folder: str | pathlib.Path) -> tuple[ModelConfig, str, dict, dict]:
+    """(config, task, params, hf config dict) from a transformers folder."""
+    folder = pathlib.Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise ConvertError(f"{cfg_path} is missing")
+    d = json.loads(cfg_path.read_text())
+    arch = (d.get("architectures") or [None])[0]
+    if arch is None:
+        fam = d.get("model_type")
+        arch = {"bert": "BertModel", "roberta": "RobertaModel", "albert": "AlbertModel"}.get(fam)
+    if arch not in ARCHITECTURES:
+        raise ConvertError(f"{cfg_path}: architecture {arch!r} (model_type {d.get('model_type')!r}) "
+                           f"is not supported; supported: {sorted(ARCHITECTURES)}")
+    family, task = ARCHITECTURES[arch]
+    try:
+        cfg = rename.config_from_hf(d)
+    except (ValueError, rename.RenameError) as e:
+        raise ConvertError(f"{cfg_path}: {e}") from None
+    tensors = read_safetensors(folder)
+    emb = next((v for k, v in tensors.items() if k.endswith("embeddings.word_embeddings.weight")), None)
+    if emb is not None and emb.shape[0] != cfg.vocab_size:
+        raise ConvertError(f"{cfg_path}: vocab_size={cfg.vocab_size} disagrees with the embedding "
+                           f"matrix embeddings.word_embeddings.weight of {emb.shape[0]} rows")
+    try:
+        params = rename.from_hf({k: np.asarray(v, np.float32) for k, v in tensors.items()}, cfg, task)
+        from bert_jax.heads import abstract_params
+        from flax import linen as nn
+        rename.check_shapes(params, nn.unbox(abstract_params(cfg, task)))
+    except rename.RenameError as e:
+        raise ConvertError(f"{folder}: {e}") from None
+    return cfg, task, params, d
+
+
+# ------------------------------------------------------------------ arrays -> HF ----
+def save_hf(out: str | pathlib.Path, cfg: ModelConfig, task: str, params,
+            tokenizer_dir: str | pathlib.Path | None = None, dtype: str = "float32",
+            id2label: dict[int, str] | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """A transformers folder: config.json (architectures, label maps), safetensors (sharded
+    above `max_shard_bytes`), tokenizer files."""
+    from safetensors.numpy import save_file
+    tensors = rename.to_hf(params, cfg, task)
+    if dtype == "bfloat16":
+        import ml_dtypes
+        tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
+    elif dtype != "float32":
+        raise ConvertError(f"--hf_dtype={dtype!r}: must be float32 or bfloat16")
+    d = rename.hf_config_dict(cfg, task)
+    d["architectures"] = [HF_ARCHITECTURE[(cfg.family, task)]]
+    d["torch_dtype"] = dtype
+    d["tie_word_embeddings"] = True
+    if task in ("sequence_classification", "token_classification"):
+        labels = id2label or {i: f"LABEL_{i}" for i in range(cfg.num_labels)}
+        d["id2label"] = {str(k): v for k, v in labels.items()}
+        d["label2id"] = {v: int(k) for k, v in labels.items()}
+        if task == "sequence_classification" and cfg.num_labels == 1:
+            d["problem_type"] = "regression"
+    with _staging(out) as tmp:
+        (tmp / "config.json").write_text(json.dumps(d, indent=1))
+        total = sum(v.nbytes for v in tensors.values())
+        if total <= max_shard_bytes:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            shards, cur, size = [], {}, 0
+            for k in sorted(tensors):
+                if cur and size + tensors[k].nbytes > max_shard_bytes:
+                    shards.append(cur)
+                    cur, size = {}, 0
+                cur[k] = tensors[k]
+                size += tensors[k].nbytes
+            shards.append(cur)
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        if tokenizer_dir is not None:
+            _copy_tokenizer(pathlib.Path(tokenizer_dir), tmp)
+
+
+# ---------------------------------------------------------------- our folders ----
+def save_ours(out: str | pathlib.Path, cfg: ModelConfig, task: str, params,
+              tokenizer_dir: str | pathlib.Path | None, source: str = "") -> None:
+    """Our checkpoint folder: config.json, task.json, tokenizer/, checkpoints/0 (orbax)."""
+    with _staging(out) as tmp:
+        checkpoint.write_config(tmp, cfg)
+        (tmp / "task.json").write_text(json.dumps({"task": task, "source": source}))
+        if tokenizer_dir is not None:
+            _copy_tokenizer(pathlib.Path(tokenizer_dir), tmp / "tokenizer")
+        ck = checkpoint.Checkpointer(tmp, keep=1, async_save=False)
+        ck.save(0, {"params": params}, {}, {"source": source, "task": task,
+                                            "packages": checkpoint.package_versions()})
+        ck.close()
+
+
+def load(folder: str | pathlib.Path) -> tuple[ModelConfig, str, Any, pathlib.Path | None]:
+    """(config, task, params, tokenizer folder or None) from our folder (pretraining
+    workdir or converted) or a transformers folder."""
+    folder = pathlib.Path(folder)
+    if (folder / "checkpoints").is_dir():
+        cfg, params, _ = checkpoint.load_params(folder)
+        task_file = folder / "task.json"
+        task = json.loads(task_file.read_text())["task"] if task_file.exists() else "pretraining"
+        tok = folder / "tokenizer"
+        return cfg, task, params, tok if tok.is_dir() else None
+    cfg, task, params, _ = load_hf(folder)
+    has_tok = any((folder / f).exists() for f in ("vocab.txt", "vocab.json", "spiece.model", "tokenizer.json"))
+    return cfg, task, params, folder if has_tok else None
+
+
+def _copy_tokenizer(src: pathlib.Path, dst: pathlib.Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES + ("bert_jax_tokenizer.json",):
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+
+
+class _staging:
+    """Write into a temporary sibling of `out`; move it into place only on success."""
+
+    def __init__(self, out):
+        self.out = pathlib.Path(out)
+
+    def __enter__(self) -> pathlib.Path:
+        if self.out.exists() and any(self.out.iterdir()):
+            raise ConvertError(f"--out folder {self.out} exists and is not empty; refusing to overwrite")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = pathlib.Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}."))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            if self.out.exists():
+                self.out.rmdir()
+            self.tmp.rename(self.out)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+
+def main(argv):
+    from bert_jax import flags
+    o = flags.convert_options(argv)
+    if o.from_hf:
+        cfg, task, params, _ = load_hf(o.from_hf)
+        save_ours(o.out, cfg, task, params, o.from_hf, source=str(o.from_hf))
+        print(f"convert: {o.from_hf} ({cfg.family}, {task}) -> {o.out}")
+    else:
+        cfg, task, params, tok = load(o.checkpoint)
+        save_hf(o.to_hf, cfg, task, params, tok, o.hf_dtype)
+        print(f"convert: {o.checkpoint} ({cfg.family}, {task}) -> {o.to_hf} [{HF_ARCHITECTURE[(cfg.family, task)]}]")
+
+
+if __name__ == "__main__":
+    from absl import app
+    from bert_jax import flags as _flags
+    _flags.define_convert_flags()
+    app.run(main)

@@ -1,0 +1,125 @@
+"""`encode` job: features of a checkpoint for the texts of a file.
+
+    ./launch.sh encode --checkpoint=DIR --input=texts.jsonl --output=features.npz
+
+Input: `.txt` (one text, or `text<TAB>text` pair, per line) or `.jsonl` (`text`, optional
+`text_pair`; texts may hold tabs and newlines; singles and pairs may mix). Texts are batched sorted by length to
+limit padding; outputs come back in input order, padded to the longest input:
+input_ids, attention_mask, token_type_ids (N x L), last_hidden_state (N x L x H, float32),
+pooler_output (N x H; absent for checkpoints without a pooler), mean_embedding (N x H,
+the attention-masked mean of last_hidden_state).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bert_jax.tokenizer import Tokenizer, pad_batch
+
+
+class EncodeError(ValueError):
+    """Bad input file; the message names the file and line."""
+
+
+def read_inputs(path: str | pathlib.Path) -> tuple[list[str], list[str] | None]:
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise EncodeError(f"--input={path}: no such file")
+    texts, pairs = [], []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for i, line in enumerate(lines, 1):
+        if path.suffix == ".jsonl":
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                texts.append(r["text"])
+                pairs.append(r.get("text_pair"))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise EncodeError(f"{path}:{i}: expected a JSON object with a 'text' field ({e})") from None
+        else:
+            a, _, b = line.partition("\t")
+            texts.append(a)
+            pairs.append(b if _ else None)
+    if not texts:
+        raise EncodeError(f"--input={path}: no texts")
+    return texts, (None if all(p is None for p in pairs) else pairs)
+
+
+def encode(folder: str | pathlib.Path, texts: list[str], pairs: list[str] | None = None,
+           max_length: int = 512, batch_size: int = 32) -> dict[str, np.ndarray]:
+    from bert_jax import convert
+    from bert_jax.model import Backbone
+    cfg, task, params, tok_dir = convert.load(folder)
+    if tok_dir is None:
+        raise EncodeError(f"{folder} carries no tokenizer files")
+    tok = Tokenizer.load(tok_dir)
+    cfg.check_sequence_length(max_length, "--max_length")
+    encs = _encode_mixed(tok, texts, pairs, max_length)
+    has_pooler = "pooler" in params["backbone"]
+    model = Backbone(cfg, add_pooler=has_pooler)
+    apply = jax.jit(lambda p, i, t, m: model.apply({"params": p}, i, t, m))
+    order = np.argsort([len(e) for e in encs], kind="stable")
+    L = max(len(e) for e in encs)
+    N, H = len(encs), cfg.hidden_size
+    out = {"input_ids": np.full((N, L), tok.pad_id, np.int32), "attention_mask": np.zeros((N, L), np.int32),
+           "token_type_ids": np.zeros((N, L), np.int32),
+           "last_hidden_state": np.zeros((N, L, H), np.float32), "mean_embedding": np.zeros((N, H), np.float32)}
+    if has_pooler:
+        out["pooler_output"] = np.zeros((N, H), np.float32)
+    for s in range(0, N, batch_size):
+        idx = order[s:s + batch_size]
+        length = -(-max(len(encs[i]) for i in idx) // 8) * 8  # multiples of 8: few compiles
+        b = pad_batch([encs[i] for i in idx], tok.pad_id, length)
+        r = apply(params["backbone"], jnp.asarray(b["input_ids"]), jnp.asarray(b["token_type_ids"]),
+                  jnp.asarray(b["attention_mask"]))
+        h = np.asarray(r["sequence_output"], np.float32)
+        m = b["attention_mask"].astype(np.float32)
+        for j, i in enumerate(idx):
+            n = len(encs[i])
+            for k in ("input_ids", "attention_mask", "token_type_ids"):
+                out[k][i, :n] = b[k][j, :n]
+            out["last_hidden_state"][i, :n] = h[j, :n]
+            out["mean_embedding"][i] = (h[j] * m[j, :, None]).sum(0) / m[j].sum()
+            if has_pooler:
+                out["pooler_output"][i] = np.asarray(r["pooled_output"][j], np.float32)
+    return out
+
+
+def _encode_mixed(tok: Tokenizer, texts, pairs, max_length):
+    """Encodings in input order; single texts and pairs may be mixed."""
+    if pairs is None:
+        return tok.encode_batch(texts, None, max_length=max_length)
+    single = [i for i, p in enumerate(pairs) if p is None]
+    paired = [i for i, p in enumerate(pairs) if p is not None]
+    out = [None] * len(texts)
+    if single:
+        for i, e in zip(single, tok.encode_batch([texts[i] for i in single], max_length=max_length)):
+            out[i] = e
+    if paired:
+        for i, e in zip(paired, tok.encode_batch([texts[i] for i in paired],
+                                                 [pairs[i] for i in paired], max_length=max_length)):
+            out[i] = e
+    return out
+
+
+def main(argv):
+    from bert_jax import flags
+    o = flags.encode_options(argv)
+    texts, pairs = read_inputs(o.input)
+    feats = encode(o.checkpoint, texts, pairs, o.max_length, o.batch_size)
+    pathlib.Path(o.output).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(o.output, **feats)
+    print(f"encode: {len(texts)} texts -> {o.output} ({', '.join(sorted(feats))})")
+
+
+if __name__ == "__main__":
+    from absl import app
+    from bert_jax import flags as _flags
+    _flags.define_encode_flags()
+    app.run(main)
