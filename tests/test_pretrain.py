@@ -202,3 +202,25 @@ def test_bench_prints_every_field(tmp_path):
         for k in ("compile_s", "step_ms", "real_tokens_per_s", "mfu", "peak_memory_gb", "device"):
             assert k in l
         assert l["step_ms"] > 0 and l["real_tokens_per_s"] == pytest.approx(8 * l["seq_len"] / l["step_ms"] * 1e3, rel=1e-3)
+
+
+def test_report_writes_table_and_plot(reference, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "bert_jax.report", f"--runs={reference}",
+                          f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = (tmp_path / "report.md").read_text()
+    assert f"| {reference.name} | 8 |" in table
+    png = tmp_path / f"{reference.name}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_vocab_job_command_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "bert_jax.vocab", "--kind=sentencepiece",
+                          f"--corpus={REPO}/bert_jax/corpus/train/shakespeare-*.txt",
+                          "--vocab_size=300", f"--out={tmp_path}/sp"], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "sp" / "spiece.model").exists()
+    res = subprocess.run([sys.executable, "-m", "bert_jax.vocab", "--kind=wordpiece",
+                          f"--corpus={tmp_path}/none*.txt", f"--out={tmp_path}/wp"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "none*.txt' matches no file" in res.stderr
