@@ -1,0 +1,108 @@
+"""Optimizers against NumPy references of the original BERT/ALBERT update rules, the
+schedule, and the non-finite guard of the train step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bert_jax import optim, sharding, train
+
+import tiny
+
+PARAMS = {"dense": {"kernel": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4),
+                    "bias": np.array([0.5, -0.25, 0.0, 1.0], np.float32)},
+          "norm": {"scale": np.ones(4, np.float32), "bias": np.zeros(4, np.float32)}}
+GRADS = {"dense": {"kernel": np.full((3, 4), 0.3, np.float32) * np.arange(1, 5, dtype=np.float32),
+                   "bias": np.array([0.1, -0.2, 0.3, -0.4], np.float32)},
+         "norm": {"scale": np.array([0.05, 0.0, -0.05, 0.1], np.float32),
+                  "bias": np.array([-0.1, 0.2, 0.0, 0.05], np.float32)}}
+CFG = dict(learning_rate=0.01, warmup_steps=0, train_steps=100, weight_decay=0.1,
+           b1=0.9, b2=0.999, eps=1e-6, max_grad_norm=0.0)
+
+
+def reference(kind, steps=3):
+    """The google-research bert/albert update rules, written out in NumPy."""
+    p = {k: {n: v.copy() for n, v in d.items()} for k, d in PARAMS.items()}
+    m = {k: {n: np.zeros_like(v) for n, v in d.items()} for k, d in PARAMS.items()}
+    v = {k: {n: np.zeros_like(x) for n, x in d.items()} for k, d in PARAMS.items()}
+    for t in range(steps):
+        lr = CFG["learning_rate"] * (1 - t / CFG["train_steps"])
+        for k in p:
+            for n in p[k]:
+                g = GRADS[k][n]
+                m[k][n] = 0.9 * m[k][n] + 0.1 * g
+                v[k][n] = 0.999 * v[k][n] + 0.001 * g * g
+                upd = m[k][n] / (np.sqrt(v[k][n]) + 1e-6)
+                decayed = not (n == "bias" or k == "norm")
+                if decayed:
+                    upd = upd + 0.1 * p[k][n]
+                if kind == "lamb" and decayed:  # layer adaptation only where decayed
+                    w, u = np.linalg.norm(p[k][n]), np.linalg.norm(upd)
+                    upd = upd * (w / u if w > 0 and u > 0 else 1.0)
+                p[k][n] = p[k][n] - lr * upd
+    return p
+
+
+@pytest.mark.parametrize("kind", ["adamw_bert", "lamb"])
+def test_matches_original_update_rule(kind):
+    tx = optim.make(optim.OptimConfig(optimizer=kind, **CFG))
+    params = jax.tree.map(jnp.asarray, PARAMS)
+    state = tx.init(params)
+    for _ in range(3):
+        upd, state = tx.update(jax.tree.map(jnp.asarray, GRADS), state, params)
+        params = jax.tree.map(lambda a, b: a + b, params, upd)
+    want = reference(kind)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), params, want)
+
+
+def test_lamb_differs_from_optax_lamb_on_layernorm_and_bias():
+    # optax.lamb adapts every parameter; ours leaves LayerNorm/bias unadapted and undecayed.
+    import optax
+    ours = optim.make(optim.OptimConfig(optimizer="lamb", **CFG))
+    theirs = optax.lamb(optim.schedule(optim.OptimConfig(**CFG)), eps=1e-6, weight_decay=0.1)
+    p = jax.tree.map(jnp.asarray, PARAMS)
+    u1, _ = ours.update(jax.tree.map(jnp.asarray, GRADS), ours.init(p), p)
+    u2, _ = theirs.update(jax.tree.map(jnp.asarray, GRADS), theirs.init(p), p)
+    assert not np.allclose(u1["norm"]["bias"], u2["norm"]["bias"])
+
+
+def test_schedule_warmup_then_linear_decay():
+    s = optim.schedule(optim.OptimConfig(learning_rate=1.0, warmup_steps=10, train_steps=110))
+    assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(0.5)
+    assert float(s(10)) == pytest.approx(1.0) and float(s(60)) == pytest.approx(0.5)
+    assert float(s(110)) == pytest.approx(0.0)
+
+
+def test_decay_mask_excludes_layernorm_and_bias():
+    m = optim.decay_mask(PARAMS)
+    assert m["dense"]["kernel"] and not m["dense"]["bias"]
+    assert not m["norm"]["scale"] and not m["norm"]["bias"]
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+    cfg = tiny.config("bert")
+    mesh = sharding.make_mesh()
+    tx = optim.make(optim.OptimConfig(learning_rate=1e-3, warmup_steps=0, train_steps=10))
+    state = train.create_state(cfg, tx, tiny.L, 0, mesh)
+    _, state_sh = train.state_shardings(cfg, tx, tiny.L, mesh)
+    ids, types, mask = (np.concatenate([x] * 4) for x in tiny.batch(cfg))
+    B = ids.shape[0]
+    batch = dict(input_ids=ids, token_type_ids=types, attention_mask=mask,
+                 masked_positions=np.tile(np.arange(3, dtype=np.int32), (B, 1)),
+                 masked_ids=ids[:, :3].copy(), masked_weights=np.ones((B, 3), np.float32),
+                 sentence_positions=np.zeros((B, 1), np.int32),
+                 sentence_labels=np.zeros((B, 1), np.int32), sentence_weights=np.ones((B, 1), np.float32))
+    step = train.make_train_step(cfg, tx, 2, state_sh, lambda nd: sharding.data_sharding(mesh, nd),
+                                 batch, mesh)
+    before = jax.device_get(state.params)
+    bad = dict(batch, masked_weights=np.full((B, 3), np.nan, np.float32))
+    with jax.set_mesh(mesh):
+        state, m = step(state, bad)
+    assert not m["finite"] and int(state.nonfinite_total) == 1 and int(state.nonfinite_streak) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+    with jax.set_mesh(mesh):
+        state, m = step(state, batch)
+    assert m["finite"] and int(state.nonfinite_streak) == 0 and int(state.nonfinite_total) == 1
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state.params), before)
+    assert any(jax.tree.leaves(changed))
