@@ -143,6 +143,16 @@ class Tokenizer:
                 "not truncate is already longer than max_length)") from None
         return [_to_encoding(e, self.special_ids) for e in encs]
 
+    def encode_windows(self, text: str, pair: str, max_length: int, overlap: int) -> list[Encoding]:
+        """[CLS] text [SEP] window [SEP] for windows of `pair` that overlap by `overlap`
+        tokens (sliding windows for extractive QA); `text` must fit."""
+        self.backend.enable_truncation(max_length, stride=overlap, strategy="only_second")
+        try:
+            enc = self.backend.encode(text, pair)
+        except Exception as e:
+            raise TokenizerError(f"max_length={max_length}: {e}") from None
+        return [_to_encoding(e, self.special_ids) for e in [enc] + list(enc.overflowing)]
+
     def tokenize_batch(self, texts: Sequence[str]) -> list[tuple[list[int], list[int | None]]]:
         """Ids and word ids of each text, no special tokens, no truncation (for building
         pretraining instances)."""
