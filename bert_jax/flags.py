@@ -244,3 +244,55 @@ def define_encode_flags(fv: flags.FlagValues = FLAGS) -> None:
 def encode_options(argv=None, fv: flags.FlagValues = FLAGS) -> EncodeOptions:
     _unparsed(argv)
     return EncodeOptions(fv.checkpoint, fv.input, fv.output, fv.max_length, fv.batch_size)
+
+
+# --------------------------------------------------------------------- finetune ----
+def define_finetune_flags(fv: flags.FlagValues = FLAGS) -> None:
+    D = flags
+    D.DEFINE_enum("task", None, ["classification", "regression", "ner", "qa"], "Task type.", flag_values=fv)
+    D.DEFINE_string("init_checkpoint", None, "Our checkpoint folder or a Hugging Face folder.", flag_values=fv)
+    D.DEFINE_string("train_file", None, "Training file (TSV/CSV/JSONL, CoNLL, or SQuAD JSON).", flag_values=fv)
+    D.DEFINE_list("eval_files", [], "NAME=PATH,...; the first selects the best checkpoint.", flag_values=fv)
+    D.DEFINE_string("workdir", None, "Output folder.", flag_values=fv)
+    D.DEFINE_integer("seed", 0, "Seed of the head init, data order, dropout and subsampling.", flag_values=fv)
+    D.DEFINE_string("text_column", "sentence", "Text column.", flag_values=fv)
+    D.DEFINE_string("pair_column", None, "Second text column (sentence pairs).", flag_values=fv)
+    D.DEFINE_string("label_column", "label", "Label column.", flag_values=fv)
+    D.DEFINE_list("labels", [], "Label set in order (default: sorted labels of the train file).", flag_values=fv)
+    D.DEFINE_enum("tag_scheme", "IOB2", ["IOB1", "IOB2", "BIOES"], "Tag scheme of the CoNLL files.", flag_values=fv)
+    D.DEFINE_enum("output_scheme", "BIOES", ["IOB1", "IOB2", "BIOES"], "Scheme the tagger learns and decodes.", flag_values=fv)
+    D.DEFINE_integer("max_seq_length", 128, "Tokens per row.", flag_values=fv)
+    D.DEFINE_integer("doc_stride", 128, "QA: tokens between window starts.", flag_values=fv)
+    D.DEFINE_integer("max_query_length", 64, "QA: question tokens kept.", flag_values=fv)
+    D.DEFINE_integer("max_answer_length", 30, "QA: longest answer in tokens.", flag_values=fv)
+    D.DEFINE_integer("n_best", 20, "QA: start/end candidates searched.", flag_values=fv)
+    D.DEFINE_float("null_threshold", None, "SQuAD v2.0: predict no answer when null beats best span by this.", flag_values=fv)
+    D.DEFINE_integer("batch_size", 32, "Batch size.", flag_values=fv)
+    D.DEFINE_float("learning_rate", 2e-5, "Peak learning rate.", flag_values=fv)
+    D.DEFINE_float("epochs", 3.0, "Training epochs.", flag_values=fv)
+    D.DEFINE_float("warmup_proportion", 0.1, "Fraction of steps of linear warmup.", flag_values=fv)
+    D.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.", flag_values=fv)
+    D.DEFINE_integer("eval_every", 0, "Steps between evaluations (0: at the end).", flag_values=fv)
+    D.DEFINE_string("best_metric", None, "Metric that selects the best checkpoint.", flag_values=fv)
+    D.DEFINE_integer("max_train_examples", None, "Seeded subsample of the training set.", flag_values=fv)
+    D.DEFINE_float("dropout", None, "Override the checkpoint's dropout.", flag_values=fv)
+    D.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.", flag_values=fv)
+    flags.mark_flags_as_required(["task", "init_checkpoint", "train_file", "workdir"], flag_values=fv)
+
+
+def finetune_options(argv=None, fv: flags.FlagValues = FLAGS):
+    from bert_jax.finetuning import FinetuneOptions
+    _unparsed(argv)
+    evals = []
+    for item in fv.eval_files:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise FlagError(f"--eval_files: {item!r} is not NAME=PATH")
+        evals.append((name, path))
+    names = ("task", "init_checkpoint", "train_file", "workdir", "seed", "text_column", "pair_column",
+             "label_column", "tag_scheme", "output_scheme", "max_seq_length", "doc_stride",
+             "max_query_length", "max_answer_length", "n_best", "null_threshold", "batch_size",
+             "learning_rate", "epochs", "warmup_proportion", "weight_decay", "eval_every",
+             "best_metric", "max_train_examples", "dropout", "dtype")
+    return FinetuneOptions(eval_files=tuple(evals), labels=tuple(fv.labels),
+                           **{n: fv[n].value for n in names})

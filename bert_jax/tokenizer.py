@@ -143,6 +143,12 @@ class Tokenizer:
                 "not truncate is already longer than max_length)") from None
         return [_to_encoding(e, self.special_ids) for e in encs]
 
+    def encode_words(self, words: Sequence[str], max_length: int | None = None) -> Encoding:
+        """[CLS] words [SEP] for pre-split words (NER): word_ids index `words`."""
+        self._configure(max_length, "longest_first")
+        e = self.backend.encode(list(words), is_pretokenized=True)
+        return _to_encoding(e, self.special_ids)
+
     def encode_windows(self, text: str, pair: str, max_length: int, overlap: int) -> list[Encoding]:
         """[CLS] text [SEP] window [SEP] for windows of `pair` that overlap by `overlap`
         tokens (sliding windows for extractive QA); `text` must fit."""

@@ -1,0 +1,25 @@
+"""`finetune` job: fine-tune a checkpoint on a task and evaluate it.
+
+    ./launch.sh finetune --flagfile=experiments/finetune/sst2.flags --init_checkpoint=DIR --workdir=DIR
+"""
+
+import json
+
+from absl import app
+
+from bert_jax import flags
+
+
+def main(argv):
+    opts = flags.finetune_options(argv)
+    flags.quiet_library_logs()
+    from bert_jax.finetuning import Finetuner
+    summary = Finetuner(opts).run()
+    for name, res in summary["eval"].items():
+        print(f"finetune: {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    flags.define_finetune_flags()
+    app.run(main)

@@ -1,0 +1,337 @@
+"""Fine-tuning and evaluation, as the BERT paper does it: the pretrained encoder plus a
+fresh task head, AdamW with linear warmup then linear decay, dropout, evaluation every N
+steps and at the end, best-checkpoint selection on one metric.
+
+Tasks:
+  classification  single texts or pairs -> label   (SST-2, MRPC, RTE, any TSV/CSV/JSONL)
+  regression      pairs -> score                    (STS-B)
+  ner             CoNLL words -> tags; label on each word's first sub-token; decoding
+                  by Viterbi under the output scheme's valid transitions
+  qa              SQuAD v1.1/v2.0 extractive QA over sliding windows
+
+Writes <workdir>/metrics.jsonl, <workdir>/best/ (our checkpoint folder of the best
+params, with tokenizer), and per eval file eval/NAME.json + eval/NAME.predictions.*.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import linen as nn
+
+from bert_jax import convert, metrics, optim, rename, tagging
+from bert_jax.data import squad, tasks
+from bert_jax.heads import build_model, init_params
+from bert_jax.tokenizer import Tokenizer, pad_batch
+
+TASKS = ("classification", "regression", "ner", "qa")
+MODEL_TASK = {"classification": "sequence_classification", "regression": "sequence_classification",
+              "ner": "token_classification", "qa": "question_answering"}
+DEFAULT_METRIC = {"classification": "accuracy", "regression": "spearman", "ner": "f1", "qa": "f1"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneOptions:
+    task: str
+    init_checkpoint: str
+    train_file: str
+    workdir: str
+    eval_files: tuple[tuple[str, str], ...] = ()
+    seed: int = 0
+    text_column: str = "sentence"
+    pair_column: str | None = None
+    label_column: str = "label"
+    labels: tuple[str, ...] = ()             # default: sorted labels of the train file
+    tag_scheme: str = "IOB2"                 # of the CoNLL files
+    output_scheme: str = "BIOES"             # what the tagger learns and decodes
+    max_seq_length: int = 128
+    doc_stride: int = 128
+    max_query_length: int = 64
+    max_answer_length: int = 30
+    n_best: int = 20
+    null_threshold: float | None = None      # SQuAD v2.0
+    batch_size: int = 32
+    learning_rate: float = 2e-5
+    epochs: float = 3.0
+    warmup_proportion: float = 0.1
+    weight_decay: float = 0.01
+    eval_every: int = 0                      # 0: at the end only
+    best_metric: str | None = None
+    max_train_examples: int | None = None    # subsample (seeded) for quick runs
+    dropout: float | None = None             # override the checkpoint's dropout
+    dtype: str = "float32"
+
+
+class FinetuneError(ValueError):
+    """Bad options or a checkpoint that does not fit; the message names what."""
+
+
+# ------------------------------------------------------------------ features ----
+def text_features(tok: Tokenizer, ex: list[tasks.TextExample], max_len: int, labels) -> dict:
+    encs = tok.encode_batch([e.text for e in ex], [e.pair for e in ex] if ex[0].pair is not None else None,
+                            max_length=max_len)
+    f = pad_batch(encs, tok.pad_id, max_len)
+    f["labels"] = np.asarray(labels, np.float32 if isinstance(labels[0], float) else np.int32)
+    return f
+
+
+def ner_features(tok: Tokenizer, sents: list[tasks.TaggedSentence], max_len: int, label_list, scheme) -> dict:
+    index = {l: i for i, l in enumerate(label_list)}
+    encs, labels, first = [], [], []
+    for s in sents:
+        e = tok.encode_words(s.words, max_length=max_len)
+        tags = tagging.convert(s.tags, "IOB2", scheme)
+        lab = np.full(max_len, -1, np.int32)
+        firsts = np.full(len(s.words), -1, np.int32)
+        prev = None
+        for j, w in enumerate(e.word_ids):
+            if w is not None and w != prev:
+                if tags[w] not in index:
+                    raise tasks.TaskDataError(f"{s.where}: unknown tag {tags[w]!r} (labels: {label_list})")
+                lab[j], firsts[w] = index[tags[w]], j
+            prev = w
+        encs.append(e)
+        labels.append(lab)
+        first.append(firsts)
+    f = pad_batch(encs, tok.pad_id, max_len)
+    f["labels"] = np.stack(labels)
+    f["_first_token"] = first  # per sentence: token index of each word (-1 if truncated)
+    return f
+
+
+# ---------------------------------------------------------------------- loss ----
+def loss_fn(kind: str, model, params, batch, rng, deterministic=False):
+    kw = dict(deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
+    out = model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
+                      batch["attention_mask"], **kw)
+    if kind == "classification":
+        return optax.softmax_cross_entropy_with_integer_labels(out, batch["labels"]).mean()
+    if kind == "regression":
+        return jnp.mean((out[:, 0] - batch["labels"]) ** 2)
+    if kind == "ner":
+        w = (batch["labels"] >= 0).astype(jnp.float32)
+        nll = optax.softmax_cross_entropy_with_integer_labels(out, jnp.maximum(batch["labels"], 0))
+        return (nll * w).sum() / jnp.maximum(w.sum(), 1.0)
+    start, end = out
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    return (ce(start, batch["start_positions"]).mean() + ce(end, batch["end_positions"]).mean()) / 2
+
+
+# ------------------------------------------------------------------ the run ----
+class Finetuner:
+    def __init__(self, o: FinetuneOptions):
+        if o.task not in TASKS:
+            raise FinetuneError(f"--task={o.task!r}: must be one of {TASKS}")
+        self.o = o
+        src_cfg, _, src_params, tok_dir = convert.load(o.init_checkpoint)
+        if tok_dir is None:
+            raise FinetuneError(f"--init_checkpoint={o.init_checkpoint} carries no tokenizer")
+        self.tok_dir, self.tok = tok_dir, Tokenizer.load(tok_dir)
+        self._read_train()
+        changes = dict(num_labels=self.num_labels, dtype=o.dtype)
+        if o.dropout is not None:
+            changes.update(hidden_dropout_prob=o.dropout, attention_probs_dropout_prob=o.dropout)
+        self.cfg = src_cfg.replace(**changes)
+        self.cfg.check_sequence_length(o.max_seq_length)
+        self.mtask = MODEL_TASK[o.task]
+        self.model = build_model(self.cfg, self.mtask)
+        fresh = nn.unbox(init_params(self.cfg, self.mtask, jax.random.key(o.seed)))
+        self.params = load_backbone(fresh, src_params, o.init_checkpoint)
+
+    def _read_train(self):
+        o = self.o
+        rng = np.random.default_rng(o.seed)
+        if o.task in ("classification", "regression"):
+            ex = tasks.read_text_examples(o.train_file, o.text_column, o.label_column, o.pair_column,
+                                          regression=o.task == "regression")
+            ex = _subsample(ex, o.max_train_examples, rng)
+            if o.task == "classification":
+                self.labels = list(o.labels) or sorted({e.label for e in ex})
+                self.num_labels = len(self.labels)
+                self.train = text_features(self.tok, ex, o.max_seq_length, tasks.label_ids(ex, self.labels))
+            else:
+                self.labels, self.num_labels = [], 1
+                self.train = text_features(self.tok, ex, o.max_seq_length, [float(e.label) for e in ex])
+        elif o.task == "ner":
+            sents = _subsample(tasks.read_conll(o.train_file, o.tag_scheme), o.max_train_examples, rng)
+            for s in sents:
+                s.tags = tagging.convert(s.tags, o.tag_scheme, "IOB2")
+            types = sorted({t[2:] for s in sents for t in s.tags if t != "O"})
+            self.labels = list(o.labels) or tagging.labels_for(types, o.output_scheme)
+            self.num_labels = len(self.labels)
+            self.train = ner_features(self.tok, sents, o.max_seq_length, self.labels, o.output_scheme)
+            self.train.pop("_first_token")
+        else:
+            ex = _subsample(tasks.read_squad(o.train_file, training=True), o.max_train_examples, rng)
+            feats = squad.make_features(self.tok, ex, o.max_seq_length, o.doc_stride, o.max_query_length)
+            self.labels, self.num_labels = [], 2
+            self.train = dict(input_ids=feats.input_ids, token_type_ids=feats.token_type_ids,
+                              attention_mask=feats.attention_mask, start_positions=feats.start_positions,
+                              end_positions=feats.end_positions)
+
+    def run(self) -> dict:
+        o = self.o
+        wd = pathlib.Path(o.workdir)
+        wd.mkdir(parents=True, exist_ok=True)
+        n = len(self.train["input_ids"])
+        steps_per_epoch = max(n // o.batch_size, 1)
+        total = max(int(round(o.epochs * steps_per_epoch)), 1)
+        ocfg = optim.OptimConfig("adamw", o.learning_rate, int(o.warmup_proportion * total), total,
+                                 weight_decay=o.weight_decay, max_grad_norm=1.0)
+        tx = optim.make(ocfg)
+        opt_state = tx.init(self.params)
+        kind, model = o.task, self.model
+
+        @jax.jit
+        def step(params, opt_state, batch, rng):
+            loss, g = jax.value_and_grad(lambda p: loss_fn(kind, model, p, batch, rng))(params)
+            upd, opt_state = tx.update(g, opt_state, params)
+            return optax.apply_updates(params, upd), opt_state, loss
+
+        rng = jax.random.key(o.seed + 1)
+        order_rng = np.random.default_rng(o.seed)
+        metric = o.best_metric or DEFAULT_METRIC[o.task]
+        best, history = -np.inf, []
+        params = self.params
+        first_eval = o.eval_files[0] if o.eval_files else None
+        perm = np.array([], np.int64)
+        for s in range(1, total + 1):
+            if len(perm) < o.batch_size:
+                perm = np.concatenate([perm, order_rng.permutation(n)])
+            idx, perm = perm[:o.batch_size], perm[o.batch_size:]
+            batch = {k: jnp.asarray(v[idx]) for k, v in self.train.items()}
+            params, opt_state, loss = step(params, opt_state, batch, jax.random.fold_in(rng, s))
+            rec = {"step": s, "loss": float(loss), "learning_rate": float(optim.schedule(ocfg)(s))}
+            if first_eval and ((o.eval_every and s % o.eval_every == 0) or s == total):
+                res, _ = self.evaluate(params, first_eval[1])
+                rec.update({f"eval_{first_eval[0]}_{k}": v for k, v in res.items()})
+                if res.get(metric, -np.inf) > best:
+                    best = res[metric]
+                    self._save_best(params, wd)
+            history.append(rec)
+            with open(wd / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if not first_eval:
+            self._save_best(params, wd)
+        self.params = params
+        best_params = convert.load(wd / "best")[2]
+        results = {}
+        (wd / "eval").mkdir(exist_ok=True)
+        for name, path in o.eval_files:
+            res, preds = self.evaluate(best_params, path)
+            results[name] = res
+            (wd / "eval" / f"{name}.json").write_text(json.dumps(res, indent=1))
+            self._write_predictions(wd / "eval", name, preds)
+        return {"steps": total, "best": {metric: best}, "eval": results, "final_train_loss": history[-1]["loss"],
+                "workdir": str(wd)}
+
+    def _save_best(self, params, wd: pathlib.Path) -> None:
+        tmp = wd / "best.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        convert.save_ours(tmp, self.cfg, self.mtask, jax.device_get(params), self.tok_dir,
+                          source=f"finetune of {self.o.init_checkpoint}")
+        (tmp / "labels.json").write_text(json.dumps(self.labels))
+        shutil.rmtree(wd / "best", ignore_errors=True)
+        tmp.rename(wd / "best")
+
+    # ----------------------------------------------------------------- evaluate ----
+    def predict_logits(self, params, feats: dict, batch_size: int = 64):
+        apply = jax.jit(lambda p, i, t, m: self.model.apply({"params": p}, i, t, m))
+        outs = []
+        for s in range(0, len(feats["input_ids"]), batch_size):
+            sl = slice(s, s + batch_size)
+            outs.append(jax.device_get(apply(params, feats["input_ids"][sl], feats["token_type_ids"][sl],
+                                             feats["attention_mask"][sl])))
+        if self.o.task == "qa":
+            return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+        return np.concatenate(outs)
+
+    def evaluate(self, params, path) -> tuple[dict, Any]:
+        o = self.o
+        if o.task in ("classification", "regression"):
+            ex = tasks.read_text_examples(path, o.text_column, o.label_column, o.pair_column,
+                                          regression=o.task == "regression")
+            if o.task == "classification":
+                gold = tasks.label_ids(ex, self.labels)
+                logits = self.predict_logits(params, text_features(self.tok, ex, o.max_seq_length, gold))
+                pred = logits.argmax(-1)
+                return metrics.classification(gold, pred), [self.labels[i] for i in pred]
+            gold = [float(e.label) for e in ex]
+            pred = self.predict_logits(params, text_features(self.tok, ex, o.max_seq_length, gold))[:, 0]
+            return metrics.regression(gold, pred), pred.tolist()
+        if o.task == "ner":
+            sents = tasks.read_conll(path, o.tag_scheme)
+            for s in sents:
+                s.tags = tagging.convert(s.tags, o.tag_scheme, "IOB2")
+            f = ner_features(self.tok, sents, o.max_seq_length, self.labels, o.output_scheme)
+            first = f.pop("_first_token")
+            logits = self.predict_logits(params, f)
+            logp = jax.nn.log_softmax(jnp.asarray(logits), -1)
+            pred_tags = []
+            for i, s in enumerate(sents):
+                scores = np.stack([np.asarray(logp[i, j]) if j >= 0 else
+                                   np.log(np.eye(len(self.labels))[0] + 1e-9) for j in first[i]])
+                tags = tagging.viterbi(scores, self.labels, o.output_scheme)
+                pred_tags.append(tagging.convert(tags, o.output_scheme, "IOB2"))
+            res = metrics.entities([s.tags for s in sents], pred_tags, "IOB2")
+            return res, [(s.words, s.tags, p) for s, p in zip(sents, pred_tags)]
+        ex = tasks.read_squad(path)
+        feats = squad.make_features(self.tok, ex, o.max_seq_length, o.doc_stride, o.max_query_length)
+        f = dict(input_ids=feats.input_ids, token_type_ids=feats.token_type_ids, attention_mask=feats.attention_mask)
+        start, end = self.predict_logits(params, f)
+        preds = squad.predict_answers(ex, feats, start, end, o.n_best, o.max_answer_length, o.null_threshold)
+        return metrics.squad(preds, {e.id: e.answers for e in ex}), preds
+
+    def _write_predictions(self, folder: pathlib.Path, name: str, preds) -> None:
+        o = self.o
+        if o.task == "qa":  # the official {id: answer} file
+            (folder / f"{name}.predictions.json").write_text(json.dumps(preds, indent=1))
+        elif o.task == "ner":
+            lines = []
+            for words, gold, pred in preds:
+                out_gold = tagging.convert(gold, "IOB2", o.tag_scheme)
+                out_pred = tagging.convert(pred, "IOB2", o.tag_scheme)
+                lines += [f"{w} {g} {p}" for w, g, p in zip(words, out_gold, out_pred)] + [""]
+            (folder / f"{name}.predictions.conll").write_text("\n".join(lines))
+        else:
+            (folder / f"{name}.predictions.tsv").write_text("prediction\n" + "\n".join(map(str, preds)) + "\n")
+
+
+def load_backbone(fresh: dict, source: dict, where: str) -> dict:
+    """`fresh` task params with the backbone taken from `source`; every backbone param
+    must exist in the source with the same shape (errors name it). A pooler the source
+    lacks (RoBERTa pretraining) stays freshly initialised."""
+    out = dict(fresh)
+    src = source.get("backbone")
+    if src is None:
+        raise FinetuneError(f"--init_checkpoint={where}: no backbone params")
+    merged = {}
+    for k, v in fresh["backbone"].items():
+        if k not in src:
+            if k == "pooler":
+                logging.warning("%s has no pooler; the pooler starts fresh", where)
+                merged[k] = v
+                continue
+            raise FinetuneError(f"--init_checkpoint={where}: param backbone/{k} is missing")
+        try:
+            rename.check_shapes(src[k], v)
+        except rename.RenameError as e:
+            raise FinetuneError(f"--init_checkpoint={where}: {e} (under backbone/{k})") from None
+        merged[k] = jax.tree.map(jnp.asarray, src[k])
+    out["backbone"] = merged
+    return out
+
+
+def _subsample(items: list, n: int | None, rng) -> list:
+    if n is None or n >= len(items):
+        return items
+    return [items[i] for i in sorted(rng.choice(len(items), n, replace=False))]

@@ -1,0 +1,116 @@
+"""Fine-tuning end to end: a tiny model overfits 64 real training examples of each task
+type (classification, sentence pairs, regression, NER, extractive QA); checkpoint
+mismatches are named."""
+
+import json
+
+import jax
+import pytest
+from flax import linen as nn
+
+from bert_jax import convert
+from bert_jax.config import ModelConfig
+from bert_jax.finetuning import FinetuneError, FinetuneOptions, Finetuner
+from bert_jax.heads import init_params
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(shared_data, tmp_path_factory):
+    """A randomly initialised tiny BERT with the real uncased vocabulary."""
+    cfg = ModelConfig(family="bert", vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, intermediate_size=37, max_position_embeddings=200)
+    params = nn.unbox(init_params(cfg, "base", jax.random.key(0)))
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    convert.save_ours(out, cfg, "base", jax.device_get(params), shared_data / "vocab/bert-base-uncased")
+    return out
+
+
+def head(path, n, tmp_path, name):
+    """The header and first n rows of a TSV file."""
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    out = tmp_path / name
+    out.write_text("\n".join(lines[: n + 1]) + "\n", encoding="utf-8")
+    return out
+
+
+def run(ckpt, tmp_path, task, train, **kw):
+    o = FinetuneOptions(task=task, init_checkpoint=str(ckpt), train_file=str(train),
+                        workdir=str(tmp_path / "wd"), eval_files=(("train", str(train)),),
+                        batch_size=16, learning_rate=3e-3, epochs=kw.pop("epochs", 40),
+                        warmup_proportion=0.05, dropout=0.0, max_seq_length=kw.pop("max_seq_length", 64), **kw)
+    return Finetuner(o).run()
+
+
+@pytest.mark.slow
+def test_overfits_sentence_classification(shared_data, tiny_checkpoint, tmp_path):
+    train = head(shared_data / "classification/sst2/train.tsv", 64, tmp_path, "sst2.tsv")
+    s = run(tiny_checkpoint, tmp_path, "classification", train)
+    assert s["eval"]["train"]["accuracy"] >= 0.98, s
+    assert (tmp_path / "wd/eval/train.json").exists()
+    assert (tmp_path / "wd/eval/train.predictions.tsv").read_text().count("\n") == 65
+    cfg, task, _, tok = convert.load(tmp_path / "wd/best")  # the best checkpoint is a real folder
+    assert task == "sequence_classification" and cfg.num_labels == 2 and tok is not None
+
+
+@pytest.mark.slow
+def test_overfits_sentence_pairs(shared_data, tiny_checkpoint, tmp_path):
+    train = head(shared_data / "pair/rte/train.tsv", 64, tmp_path, "rte.tsv")
+    s = run(tiny_checkpoint, tmp_path, "classification", train, text_column="sentence1",
+            pair_column="sentence2", max_seq_length=128)
+    assert s["eval"]["train"]["accuracy"] >= 0.98, s
+
+
+@pytest.mark.slow
+def test_overfits_regression(shared_data, tiny_checkpoint, tmp_path):
+    train = head(shared_data / "pair/stsb/train.tsv", 64, tmp_path, "stsb.tsv")
+    s = run(tiny_checkpoint, tmp_path, "regression", train, text_column="sentence1",
+            pair_column="sentence2", label_column="score", epochs=80)
+    assert s["eval"]["train"]["pearson"] >= 0.95, s
+
+
+@pytest.mark.slow
+def test_overfits_ner_with_bioes(shared_data, tiny_checkpoint, tmp_path):
+    lines = (shared_data / "ner/conll2003/train.txt").read_text().splitlines()
+    out, n = [], 0
+    for line in lines:
+        out.append(line)
+        if not line.strip() and len(out) > 2 and not out[-2].startswith("-DOCSTART-"):
+            n += 1
+            if n == 64:
+                break
+    train = tmp_path / "conll.txt"
+    train.write_text("\n".join(out) + "\n")
+    s = run(tiny_checkpoint, tmp_path, "ner", train, output_scheme="BIOES", epochs=60)
+    assert s["eval"]["train"]["f1"] >= 0.95, s
+    pred = (tmp_path / "wd/eval/train.predictions.conll").read_text()
+    assert pred.splitlines()[0].count(" ") == 2  # word gold predicted
+
+
+@pytest.mark.slow
+def test_overfits_extractive_qa(shared_data, tiny_checkpoint, tmp_path):
+    data = json.loads((shared_data / "qa/squad_v1.1_dev_rebuilt_minus_xquad.json").read_text())
+    para = data["data"][0]["paragraphs"][:12]
+    qs = 0
+    kept = []
+    for p in para:
+        p = dict(p, qas=p["qas"][: max(0, 64 - qs)])
+        qs += len(p["qas"])
+        kept.append(p)
+    train = tmp_path / "squad.json"
+    train.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": kept}]}))
+    s = run(tiny_checkpoint, tmp_path, "qa", train, max_seq_length=160, doc_stride=96, epochs=120)
+    assert s["eval"]["train"]["f1"] >= 90.0, s
+    preds = json.loads((tmp_path / "wd/eval/train.predictions.json").read_text())
+    assert len(preds) == qs
+
+
+def test_checkpoint_mismatch_names_the_param(shared_data, tiny_checkpoint, tmp_path):
+    cfg, task, params, _ = convert.load(tiny_checkpoint)
+    params["backbone"]["encoder"]["layer"]["ffn"]["intermediate"]["kernel"] = \
+        params["backbone"]["encoder"]["layer"]["ffn"]["intermediate"]["kernel"][..., :30]
+    bad = tmp_path / "bad"
+    convert.save_ours(bad, cfg, task, params, shared_data / "vocab/bert-base-uncased")
+    train = head(shared_data / "classification/sst2/train.tsv", 8, tmp_path, "s.tsv")
+    with pytest.raises(FinetuneError, match="ffn/intermediate/kernel: shape"):
+        Finetuner(FinetuneOptions(task="classification", init_checkpoint=str(bad), train_file=str(train),
+                                  workdir=str(tmp_path / "wd")))
