@@ -2,6 +2,7 @@
 options and a valid model config, and carries the §9 header (purpose, command,
 hardware, expected result)."""
 
+import json
 import pathlib
 import sys
 
@@ -47,3 +48,38 @@ def test_misspelled_flag_in_a_flag_file_is_named(tmp_path):
     flags.define_pretrain_flags(fv, required=False)
     with pytest.raises(absl_flags.Error, match="learnig_rate"):
         fv([sys.argv[0], f"--flagfile={bad}"])
+
+
+FINETUNE_FILES = sorted((REPO / "experiments" / "finetune").glob("*.flags"))
+
+
+def test_there_are_finetune_flag_files():
+    assert {p.stem for p in FINETUNE_FILES} >= {"sst2", "mrpc", "rte", "stsb", "conll2003", "squad_v1", "squad_v2"}
+
+
+@pytest.mark.parametrize("path", FINETUNE_FILES, ids=lambda p: p.name)
+def test_finetune_flag_file_parses(path, monkeypatch):
+    text = "\n".join(l for l in path.read_text().splitlines() if l.startswith("#"))
+    for field in ("Purpose:", "Command:", "Hardware:", "Expected:"):
+        assert field in text, f"{path.name}: header lacks {field}"
+    monkeypatch.chdir(REPO)  # nested --flagfile paths are relative to the repo
+    fv = absl_flags.FlagValues()
+    flags.define_finetune_flags(fv)
+    fv([sys.argv[0], f"--flagfile={path}", "--init_checkpoint=/ckpt", "--workdir=/tmp/unused"])
+    o = flags.finetune_options(None, fv)
+    assert o.eval_files and o.task in ("classification", "regression", "ner", "qa")
+    if path.stem == "mrpc":
+        assert o.text_column == "#1 String" and o.pair_column == "#2 String"
+
+
+def test_split_tool(shared_data, tmp_path):
+    from bert_jax.data import split, tasks
+    a, b = split.split_rows(shared_data / "pair/mrpc/msr_paraphrase_train.txt", tmp_path / "m", 408)
+    assert (a, b) == (3668, 408)  # GLUE's MRPC train/dev sizes
+    tr = tasks.read_text_examples(tmp_path / "m/train.tsv", "#1 String", "Quality", "#2 String")
+    dv = tasks.read_text_examples(tmp_path / "m/dev.tsv", "#1 String", "Quality", "#2 String")
+    assert len(tr) == 3668 and len(dv) == 408
+    a, b = split.split_squad(shared_data / "qa/squad_v1.1_dev_rebuilt_minus_xquad.json", tmp_path / "s", 0.25)
+    assert a + b == 48
+    titles = lambda p: {x["title"] for x in json.loads(p.read_text())["data"]}  # noqa: E731
+    assert not titles(tmp_path / "s/train.json") & titles(tmp_path / "s/dev.json")
