@@ -1,0 +1,1 @@
+"""Peer implementations used for side-by-side comparisons (need the `test` extra)."""
