@@ -2,6 +2,10 @@
 # The one entry point.
 #   ./launch.sh <job> [--flagfile=F] [--flag=value ...]   run python -m bert_jax.<job>
 #   ./launch.sh test [pytest args]                         run the test suite
+#   ./launch.sh --procs=N <job> ...                        N local processes joined by
+#        jax.distributed (CPU: gloo), e.g. to exercise the multi-host path on one machine
+# On a cluster, run the job once per host with --coordinator_address=HOST:PORT
+# --num_processes=N --process_id=I (SLURM is detected without them).
 # On first use it creates .venv (Python >= 3.11) and installs the package into it; it
 # reinstalls when setup.cfg changes. Set PYTHON to choose the interpreter.
 set -euo pipefail
@@ -9,6 +13,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 root=$(pwd)
 venv="$root/.venv"
 py=${PYTHON:-python3}
+
+procs=1
+if [[ ${1:-} == --procs=* ]]; then procs=${1#--procs=}; shift; fi
 
 if [[ $# -lt 1 ]]; then
   echo "usage: ./launch.sh <job|test> [args...]   jobs: $(ls bert_jax/*.py | xargs -n1 basename | sed 's/.py$//' | tr '\n' ' ')" >&2
@@ -41,6 +48,20 @@ if [[ $job == test ]]; then
 fi
 if [[ ! -f bert_jax/$job.py ]]; then
   echo "launch.sh: unknown job '$job' (no bert_jax/$job.py)" >&2; exit 2
+fi
+if (( procs > 1 )); then
+  port=$(( 20000 + RANDOM % 20000 ))
+  echo "+ $procs x python -m bert_jax.$job $* --coordinator_address=localhost:$port --num_processes=$procs --process_id=I" >&2
+  pids=()
+  for (( i = 0; i < procs; i++ )); do
+    "$venv/bin/python" -m "bert_jax.$job" "$@" --coordinator_address="localhost:$port" \
+      --num_processes="$procs" --process_id="$i" &
+    pids+=($!)
+  done
+  trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
+  rc=0
+  for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  exit $rc
 fi
 echo "+ python -m bert_jax.$job $*" >&2
 exec "$venv/bin/python" -m "bert_jax.$job" "$@"

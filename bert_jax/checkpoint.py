@@ -125,7 +125,10 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None) -> tuple[M
     if step is None:
         raise CheckpointError(f"{directory} holds no complete checkpoint")
     try:
-        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        # Restore onto this process's first device, whatever topology saved it.
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        out = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(fallback_sharding=one)))
     except Exception as e:
         raise CheckpointError(f"checkpoint {directory / str(step)} cannot be restored: "
                               f"{type(e).__name__}: {e}") from e

@@ -137,6 +137,8 @@ def init_distributed(fv: flags.FlagValues = FLAGS) -> None:
     import os
     import jax
     if fv.coordinator_address or fv.num_processes:
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU processes talk through gloo
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
     elif "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
         jax.distributed.initialize()

@@ -86,7 +86,22 @@ def model_config(o: PretrainOptions, tokenizer: Tokenizer) -> ModelConfig:
     return cfg
 
 
+def _first_process_then_all(name: str, fn):
+    """Run `fn` on process 0, then on the others once it is done (they find its output
+    on the shared filesystem: tokenizer, corpus cache)."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+    out = fn() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices(name)
+    return out if jax.process_index() == 0 else fn()
+
+
 def prepare_tokenizer(o: PretrainOptions, workdir: pathlib.Path) -> tuple[Tokenizer, pathlib.Path]:
+    return _first_process_then_all("tokenizer", lambda: _prepare_tokenizer(o, workdir))
+
+
+def _prepare_tokenizer(o: PretrainOptions, workdir: pathlib.Path) -> tuple[Tokenizer, pathlib.Path]:
     """The run's tokenizer, copied into <workdir>/tokenizer. Trained from the corpus
     (WordPiece unless the variant's family says otherwise) when no folder is given."""
     dest = workdir / "tokenizer"
@@ -105,12 +120,12 @@ def prepare_tokenizer(o: PretrainOptions, workdir: pathlib.Path) -> tuple[Tokeni
 def make_source(o: PretrainOptions, cfg: ModelConfig, tok: Tokenizer, tok_dir, corpus_glob,
                 seed: int, cache_dir: pathlib.Path, flag: str) -> loader.PretrainSource:
     files = corpus.expand(corpus_glob, flag)
-    tc = cache.build(files, tok, tok_dir, cache_dir, o.document_boundary)
+    tc = _first_process_then_all(f"cache{flag}", lambda: cache.build(files, tok, tok_dir, cache_dir, o.document_boundary))
     if cfg.sentence_objective == "nsp" and tc.num_documents < 2 and o.document_boundary == "file":
         # NSP draws random next segments from other documents: one file is one document.
         logging.warning("%s has one document; NSP needs several, so paragraphs (blank "
                         "lines) are taken as documents", flag)
-        tc = cache.build(files, tok, tok_dir, cache_dir, "blank_line")
+        tc = _first_process_then_all(f"cache_bl{flag}", lambda: cache.build(files, tok, tok_dir, cache_dir, "blank_line"))
     icfg = instances.InstanceConfig(o.max_seq_length, cfg.sentence_objective, o.short_seq_prob)
     inst = instances.build(tc, icfg, seed)
     pcfg = loader.PipelineConfig(max_seq_length=o.max_seq_length, objective=cfg.sentence_objective,
@@ -192,13 +207,16 @@ def run(o: PretrainOptions) -> dict:
     else:
         state, data_state = train.create_state(cfg, tx, o.max_seq_length, o.seed, mesh), None
         start = 0
-    ckpt_lib.write_config(workdir, cfg)
+    chief = jax.process_index() == 0  # the one process that writes files other than checkpoints
+    if chief:
+        ckpt_lib.write_config(workdir, cfg)
     manifest = dict(flags=o.resolved_flags, git_revision=ckpt_lib.git_revision(),
                     tokenizer_fingerprint=tok.fingerprint(), packages=ckpt_lib.package_versions(),
                     model_config=dataclasses.asdict(cfg), devices=str(jax.devices()[:4]),
                     process_count=jax.process_count())
-    (workdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    (workdir / "flags.txt").write_text(o.resolved_flags)
+    if chief:
+        (workdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        (workdir / "flags.txt").write_text(o.resolved_flags)
 
     it = loader.make_iterator(src, data_state)
     example = {k: v for k, v in src.example(0).items()}
@@ -236,7 +254,8 @@ def run(o: PretrainOptions) -> dict:
                 rec = dict(step=step, loss=acc["loss"] / n_acc, learning_rate=float(lr_fn(step)),
                            tokens_per_s=tokens_since / (now - t_last),
                            nonfinite_total=int(state.nonfinite_total), **train.summarize(acc))
-                _write_jsonl(metrics_path, rec)
+                if chief:
+                    _write_jsonl(metrics_path, rec)
                 if writer:
                     for k, v in rec.items():
                         if k != "step":
@@ -250,7 +269,8 @@ def run(o: PretrainOptions) -> dict:
             if held and (step % o.eval_every == 0 or step == o.train_steps):
                 ev = evaluate(eval_fn, state.params, held, o.eval_batches, batch_sh)
                 summary["heldout"] = ev
-                _write_jsonl(metrics_path, dict(step=step, **{f"heldout_{k}": v for k, v in ev.items()}))
+                if chief:
+                    _write_jsonl(metrics_path, dict(step=step, **{f"heldout_{k}": v for k, v in ev.items()}))
                 if writer:
                     for k, v in ev.items():
                         writer.add_scalar(f"heldout/{k}", v, step)

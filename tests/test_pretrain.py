@@ -224,3 +224,34 @@ def test_vocab_job_command_line(tmp_path):
                           f"--corpus={tmp_path}/none*.txt", f"--out={tmp_path}/wp"], cwd=REPO,
                          capture_output=True, text=True)
     assert res.returncode != 0 and "none*.txt' matches no file" in res.stderr
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+    """Two processes (2 CPU devices each, joined by jax.distributed) each read their half
+    of every global batch; the run matches one process with 4 devices."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    base = ["--train_steps=4", "--checkpoint_every=2"]
+    port = _free_port()
+    procs = [subprocess.Popen(_pretrain_cmd(tmp_path / "multi", *base, f"--coordinator_address=localhost:{port}",
+                                            "--num_processes=2", f"--process_id={i}"),
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    env1 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    subprocess.run(_pretrain_cmd(tmp_path / "single", *base), cwd=REPO, env=env1, check=True, capture_output=True)
+    multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
+    assert sorted(multi) == [1, 2, 3, 4]
+    for s in single:
+        assert multi[s] == pytest.approx(single[s], rel=1e-5)
+    _, p_multi, _ = checkpoint.load_params(tmp_path / "multi")
+    _, p_single, _ = checkpoint.load_params(tmp_path / "single")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p_multi, p_single)
