@@ -50,7 +50,7 @@ def peak_tflops(device, override: float | None) -> float | None:
     return None
 
 
-def random_batch(cfg: ModelConfig, batch: int, seq: int, n_pred: int, objective: str, seed=0):
+def random_batch(cfg: ModelConfig, batch: int, seq: int, n_pred: int, seed=0):
     rng = np.random.default_rng(seed)
     ids = rng.integers(5, cfg.vocab_size, (batch, seq)).astype(np.int32)
     pos = np.sort(np.stack([rng.choice(seq, n_pred, replace=False) for _ in range(batch)]), 1).astype(np.int32)
@@ -68,7 +68,7 @@ def bench_one(cfg: ModelConfig, ocfg: optim.OptimConfig, batch_size: int, seq: i
     n_pred = max(1, int(round(predict_frac * seq)))
     state = train.create_state(cfg, tx, seq, 0, mesh)
     _, state_sh = train.state_shardings(cfg, tx, seq, mesh)
-    host = random_batch(cfg, batch_size, seq, n_pred, cfg.sentence_objective)
+    host = random_batch(cfg, batch_size, seq, n_pred)
     bsh = lambda nd: sharding.data_sharding(mesh, nd)
     step_fn = train.make_train_step(cfg, tx, grad_accum, state_sh, bsh, host, mesh)
     batch = {k: jax.device_put(v, bsh(v.ndim)) for k, v in host.items()}

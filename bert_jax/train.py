@@ -46,9 +46,7 @@ def _init_boxed(cfg: ModelConfig, tx: optax.GradientTransformation, seq_len: int
 def state_shardings(cfg: ModelConfig, tx, seq_len: int, mesh) -> tuple[Any, Any]:
     """(abstract unboxed state, its NamedShardings)."""
     boxed = jax.eval_shape(lambda r: _init_boxed(cfg, tx, seq_len, r), jax.random.key(0))
-    shard = sharding.mesh_shardings(boxed, mesh)
-    unbox = lambda t: jax.tree.map(lambda x: x, nn.unbox(t))
-    return unbox(boxed), nn.unbox(shard)
+    return nn.unbox(boxed), nn.unbox(sharding.mesh_shardings(boxed, mesh))
 
 
 def create_state(cfg: ModelConfig, tx, seq_len: int, seed: int, mesh) -> TrainState:
