@@ -17,8 +17,9 @@ py=${PYTHON:-python3}
 procs=1
 if [[ ${1:-} == --procs=* ]]; then procs=${1#--procs=}; shift; fi
 
+jobs="pretrain finetune vocab convert encode bench report tokenizer_bench"
 if [[ $# -lt 1 ]]; then
-  echo "usage: ./launch.sh <job|test> [args...]   jobs: $(ls bert_jax/*.py | xargs -n1 basename | sed 's/.py$//' | tr '\n' ' ')" >&2
+  echo "usage: ./launch.sh [--procs=N] <job|test> [args...]   jobs: $jobs" >&2
   exit 2
 fi
 job=$1; shift
@@ -46,8 +47,8 @@ if [[ $job == test ]]; then
   echo "+ python -m pytest $*" >&2
   exec "$venv/bin/python" -m pytest "$@"
 fi
-if [[ ! -f bert_jax/$job.py ]]; then
-  echo "launch.sh: unknown job '$job' (no bert_jax/$job.py)" >&2; exit 2
+if [[ " $jobs " != *" $job "* ]]; then
+  echo "launch.sh: unknown job '$job'; jobs: $jobs (or test)" >&2; exit 2
 fi
 if (( procs > 1 )); then
   port=$(( 20000 + RANDOM % 20000 ))
