@@ -23,6 +23,9 @@ if [[ $# -lt 1 ]]; then
   exit 2
 fi
 job=$1; shift
+if [[ $job != test && " $jobs " != *" $job "* ]]; then
+  echo "launch.sh: unknown job '$job'; jobs: $jobs (or test)" >&2; exit 2
+fi
 
 "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || {
   echo "launch.sh: $py is $("$py" --version 2>&1); bert_jax needs Python >= 3.11 (set PYTHON=...)" >&2; exit 2; }
@@ -46,9 +49,6 @@ fi
 if [[ $job == test ]]; then
   echo "+ python -m pytest $*" >&2
   exec "$venv/bin/python" -m pytest "$@"
-fi
-if [[ " $jobs " != *" $job "* ]]; then
-  echo "launch.sh: unknown job '$job'; jobs: $jobs (or test)" >&2; exit 2
 fi
 if (( procs > 1 )); then
   port=$(( 20000 + RANDOM % 20000 ))
