@@ -282,6 +282,8 @@ def run(o: PretrainOptions) -> dict:
                 last_saved = step
             if stop.requested:
                 break
+        if held and "heldout" not in summary:  # nothing left to train: still report
+            summary["heldout"] = evaluate(eval_fn, state.params, held, o.eval_batches, batch_sh)
     prefetch.close()
     ckpt.close()
     if bar:
