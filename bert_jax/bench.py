@@ -66,8 +66,8 @@ def bench_one(cfg: ModelConfig, ocfg: optim.OptimConfig, batch_size: int, seq: i
               predict_frac: float, grad_accum: int, steps: int, warmup: int, mesh, peak) -> dict:
     tx = optim.make(ocfg)
     n_pred = max(1, int(round(predict_frac * seq)))
-    state = train.create_state(cfg, tx, seq, 0, mesh)
     _, state_sh = train.state_shardings(cfg, tx, seq, mesh)
+    state = train.create_state(cfg, tx, seq, 0, mesh, state_sh)
     host = random_batch(cfg, batch_size, seq, n_pred)
     bsh = lambda nd: sharding.data_sharding(mesh, nd)
     step_fn = train.make_train_step(cfg, tx, grad_accum, state_sh, bsh, host, mesh)

@@ -22,6 +22,7 @@ import numpy as np
 
 from bert_jax import checkpoint, rename
 from bert_jax.config import ModelConfig
+from bert_jax.tokenizer import copy_files as copy_tokenizer_files
 
 # transformers architecture name -> our task
 ARCHITECTURES = {}
@@ -36,8 +37,6 @@ ARCHITECTURES.update({"BertForPreTraining": ("bert", "pretraining"),
                       "RobertaForMaskedLM": ("roberta", "pretraining"),
                       "AlbertForPreTraining": ("albert", "pretraining")})
 HF_ARCHITECTURE = {v: k for k, v in ARCHITECTURES.items()}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "vocab.json", "merges.txt", "spiece.model", "added_tokens.json")
 MAX_SHARD_BYTES = 2 * 2**30
 
 
@@ -146,7 +145,7 @@ def save_hf(out: str | pathlib.Path, cfg: ModelConfig, task: str, params,
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         if tokenizer_dir is not None:
-            _copy_tokenizer(pathlib.Path(tokenizer_dir), tmp)
+            copy_tokenizer_files(tokenizer_dir, tmp)
 
 
 # ---------------------------------------------------------------- our folders ----
@@ -157,7 +156,7 @@ def save_ours(out: str | pathlib.Path, cfg: ModelConfig, task: str, params,
         checkpoint.write_config(tmp, cfg)
         (tmp / "task.json").write_text(json.dumps({"task": task, "source": source}))
         if tokenizer_dir is not None:
-            _copy_tokenizer(pathlib.Path(tokenizer_dir), tmp / "tokenizer")
+            copy_tokenizer_files(tokenizer_dir, tmp / "tokenizer")
         ck = checkpoint.Checkpointer(tmp, keep=1, async_save=False)
         ck.save(0, {"params": params}, {}, {"source": source, "task": task,
                                             "packages": checkpoint.package_versions()})
@@ -177,13 +176,6 @@ def load(folder: str | pathlib.Path) -> tuple[ModelConfig, str, Any, pathlib.Pat
     cfg, task, params, _ = load_hf(folder)
     has_tok = any((folder / f).exists() for f in ("vocab.txt", "vocab.json", "spiece.model", "tokenizer.json"))
     return cfg, task, params, folder if has_tok else None
-
-
-def _copy_tokenizer(src: pathlib.Path, dst: pathlib.Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES + ("bert_jax_tokenizer.json",):
-        if (src / name).exists():
-            shutil.copy2(src / name, dst / name)
 
 
 class _staging:

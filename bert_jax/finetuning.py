@@ -153,7 +153,7 @@ class Finetuner:
         if o.task in ("classification", "regression"):
             ex = tasks.read_text_examples(o.train_file, o.text_column, o.label_column, o.pair_column,
                                           regression=o.task == "regression")
-            ex = _subsample(ex, o.max_train_examples, rng)
+            ex = subsample(ex, o.max_train_examples, rng)
             if o.task == "classification":
                 self.labels = list(o.labels) or sorted({e.label for e in ex})
                 self.num_labels = len(self.labels)
@@ -162,7 +162,7 @@ class Finetuner:
                 self.labels, self.num_labels = [], 1
                 self.train = text_features(self.tok, ex, o.max_seq_length, [float(e.label) for e in ex])
         elif o.task == "ner":
-            sents = _subsample(tasks.read_conll(o.train_file, o.tag_scheme), o.max_train_examples, rng)
+            sents = subsample(tasks.read_conll(o.train_file, o.tag_scheme), o.max_train_examples, rng)
             for s in sents:
                 s.tags = tagging.convert(s.tags, o.tag_scheme, "IOB2")
             types = sorted({t[2:] for s in sents for t in s.tags if t != "O"})
@@ -171,7 +171,7 @@ class Finetuner:
             self.train = ner_features(self.tok, sents, o.max_seq_length, self.labels, o.output_scheme)
             self.train.pop("_first_token")
         else:
-            ex = _subsample(tasks.read_squad(o.train_file, training=True), o.max_train_examples, rng)
+            ex = subsample(tasks.read_squad(o.train_file, training=True), o.max_train_examples, rng)
             feats = squad.make_features(self.tok, ex, o.max_seq_length, o.doc_stride, o.max_query_length)
             self.labels, self.num_labels = [], 2
             self.train = dict(input_ids=feats.input_ids, token_type_ids=feats.token_type_ids,
@@ -331,7 +331,7 @@ def load_backbone(fresh: dict, source: dict, where: str) -> dict:
     return out
 
 
-def _subsample(items: list, n: int | None, rng) -> list:
+def subsample(items: list, n: int | None, rng) -> list:
     if n is None or n >= len(items):
         return items
     return [items[i] for i in sorted(rng.choice(len(items), n, replace=False))]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import signal
 import time
@@ -23,6 +22,7 @@ from bert_jax import optim, sharding, train
 from bert_jax.config import ConfigError, ModelConfig, variant
 from bert_jax.data import cache, corpus, instances, loader, masking
 from bert_jax.tokenizer import FAMILY_KIND, Tokenizer
+from bert_jax.tokenizer import copy_files as copy_tokenizer_files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +108,7 @@ def _prepare_tokenizer(o: PretrainOptions, workdir: pathlib.Path) -> tuple[Token
     if dest.exists() and any(dest.iterdir()):
         return Tokenizer.load(dest), dest
     if o.tokenizer:
-        from bert_jax.tokenizer import copy_files
-        copy_files(o.tokenizer, dest)
+        copy_tokenizer_files(o.tokenizer, dest)
         return Tokenizer.load(dest), dest
     from bert_jax import vocab
     kind = FAMILY_KIND[variant(o.variant).family]
@@ -205,7 +204,7 @@ def run(o: PretrainOptions) -> dict:
         state, data_state, _ = ckpt.restore(start, abstract, state_sh)
         logging.info("resuming from %s at step %d", ckpt.dir / str(start), start)
     else:
-        state, data_state = train.create_state(cfg, tx, o.max_seq_length, o.seed, mesh), None
+        state, data_state = train.create_state(cfg, tx, o.max_seq_length, o.seed, mesh, state_sh), None
         start = 0
     chief = jax.process_index() == 0  # the one process that writes files other than checkpoints
     if chief:
@@ -219,10 +218,9 @@ def run(o: PretrainOptions) -> dict:
         (workdir / "flags.txt").write_text(o.resolved_flags)
 
     it = loader.make_iterator(src, data_state)
-    example = {k: v for k, v in src.example(0).items()}
-    example = {k: np.zeros((o.batch_size,) + v.shape, v.dtype) for k, v in example.items()}
+    example = {k: np.zeros((o.batch_size,) + v.shape, v.dtype) for k, v in src.example(0).items()}
     step_fn = train.make_train_step(cfg, tx, o.grad_accum, state_sh, batch_sh, example, mesh)
-    eval_fn = train.make_eval_step(cfg, mesh)
+    eval_fn = train.make_eval_step(cfg)
     prefetch = loader.DevicePrefetcher(it, batch_sh, o.batch_size)
     metrics_path = workdir / "metrics.jsonl"
     writer = _tensorboard(workdir)

@@ -53,7 +53,7 @@ def _norm(path, hf, copy=None):
 
 def _layer_entries(cfg: ModelConfig, prefix: str) -> list[Entry]:
     attn_map, ffn_map = layer_copy_maps(cfg)
-    n_attn, n_ffn = max(attn_map) + 1, max(ffn_map) + 1
+    n_attn = max(attn_map) + 1
     base = ("backbone", "encoder", "layer")
     out = []
     if cfg.family == "albert":

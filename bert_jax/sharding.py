@@ -16,6 +16,7 @@ import math
 import jax
 import numpy as np
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -60,8 +61,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
         raise ValueError(f"mesh: data*fsdp*tensor={sizes} uses {math.prod(sizes)} devices, "
                          f"but {len(devices)} are present")
     try:
-        arr = jax.experimental.mesh_utils.create_device_mesh(sizes, devices)
-    except Exception:  # fake CPU devices and odd counts have no physical topology
+        arr = mesh_utils.create_device_mesh(sizes, devices)
+    except (ValueError, NotImplementedError, AssertionError):  # no physical topology (fake CPU devices)
         arr = np.asarray(devices).reshape(sizes)
     return Mesh(arr, MESH_AXES)
 

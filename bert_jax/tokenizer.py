@@ -116,7 +116,7 @@ class Tokenizer:
         return self.backend.token_to_id(t)
 
     # ------------------------------------------------------------------- encoding ----
-    def _configure(self, max_length, truncation, add_special_tokens=True):
+    def _configure(self, max_length, truncation):
         if truncation not in TRUNCATION:
             raise TokenizerError(f"truncation={truncation!r}: must be one of {TRUNCATION}")
         if max_length is None:
@@ -362,11 +362,18 @@ def pad_batch(encodings: Sequence[Encoding], pad_id: int, length: int | None = N
     return out
 
 
+# Every file a tokenizer folder may hold (a Hugging Face model folder holds weights too).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "spiece.model",
+                   "added_tokens.json", META_FILE)
+
+
 def copy_files(src: str | pathlib.Path, dst: str | pathlib.Path) -> None:
-    """Copy a tokenizer folder's files (for checkpoints, which carry their tokenizer)."""
+    """Copy a tokenizer's files (and no others) into `dst`, for the folders that carry
+    their tokenizer: workdirs, converted and exported checkpoints."""
     Tokenizer.load(src)  # fail early on an unusable folder
-    dst = pathlib.Path(dst)
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    for f in pathlib.Path(src).iterdir():
-        if f.is_file():
-            shutil.copy2(f, dst / f.name)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)

@@ -49,8 +49,11 @@ def state_shardings(cfg: ModelConfig, tx, seq_len: int, mesh) -> tuple[Any, Any]
     return nn.unbox(boxed), nn.unbox(sharding.mesh_shardings(boxed, mesh))
 
 
-def create_state(cfg: ModelConfig, tx, seq_len: int, seed: int, mesh) -> TrainState:
-    _, shard = state_shardings(cfg, tx, seq_len, mesh)
+def create_state(cfg: ModelConfig, tx, seq_len: int, seed: int, mesh, shard=None) -> TrainState:
+    """The initial state, born sharded (`shard`: state_shardings' second result, if the
+    caller has it already)."""
+    if shard is None:
+        _, shard = state_shardings(cfg, tx, seq_len, mesh)
     init = jax.jit(lambda r: nn.unbox(_init_boxed(cfg, tx, seq_len, r)), out_shardings=shard)
     with jax.set_mesh(mesh):
         return init(jax.random.key(seed))
@@ -145,7 +148,7 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, grad_acc
                    donate_argnums=0)
 
 
-def make_eval_step(cfg: ModelConfig, mesh):
+def make_eval_step(cfg: ModelConfig):
     def step(params, batch):
         return pretraining_loss(cfg, params, batch, None, deterministic=True)[1]
     return jax.jit(step)

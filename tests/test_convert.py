@@ -126,7 +126,6 @@ def test_encode_reads_txt_pairs_and_jsonl_with_tabs(tmp_path):
 
 
 def test_tiny_pretraining_export_gives_same_mlm_logits(tmp_path):
-    from test_pretrain import options  # noqa: F401  (uses the module's tokenizer fixture)
     from bert_jax import pretraining, vocab
     import test_pretrain
     tok = tmp_path / "tok"

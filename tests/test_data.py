@@ -5,7 +5,6 @@ cache reuse, sentence splitting."""
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn

@@ -4,7 +4,6 @@ job for all three kinds, and bad input."""
 import csv
 import json
 import logging
-import pathlib
 import shutil
 
 import numpy as np

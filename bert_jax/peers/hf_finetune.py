@@ -18,7 +18,7 @@ from absl import app
 
 from bert_jax import flags, metrics
 from bert_jax.data import tasks
-from bert_jax.finetuning import _subsample
+from bert_jax.finetuning import subsample
 
 
 def main(argv):
@@ -29,7 +29,7 @@ def main(argv):
     torch.set_num_threads(max(1, torch.get_num_threads()))
     reg = o.task == "regression"
     ex = tasks.read_text_examples(o.train_file, o.text_column, o.label_column, o.pair_column, regression=reg)
-    ex = _subsample(ex, o.max_train_examples, np.random.default_rng(o.seed))
+    ex = subsample(ex, o.max_train_examples, np.random.default_rng(o.seed))
     labels = None if reg else (list(o.labels) or sorted({e.label for e in ex}))
     tok = transformers.AutoTokenizer.from_pretrained(o.init_checkpoint)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
