@@ -183,8 +183,7 @@ class Finetuner:
         wd = pathlib.Path(o.workdir)
         wd.mkdir(parents=True, exist_ok=True)
         n = len(self.train["input_ids"])
-        steps_per_epoch = max(n // o.batch_size, 1)
-        total = max(int(round(o.epochs * steps_per_epoch)), 1)
+        total = total_steps(n, o)
         ocfg = optim.OptimConfig("adamw", o.learning_rate, int(o.warmup_proportion * total), total,
                                  weight_decay=o.weight_decay, max_grad_norm=1.0)
         tx = optim.make(ocfg)
@@ -198,28 +197,24 @@ class Finetuner:
             return optax.apply_updates(params, upd), opt_state, loss
 
         rng = jax.random.key(o.seed + 1)
-        order_rng = np.random.default_rng(o.seed)
         metric = o.best_metric or DEFAULT_METRIC[o.task]
-        best, history = -np.inf, []
+        best = -np.inf
         params = self.params
         first_eval = o.eval_files[0] if o.eval_files else None
-        perm = np.array([], np.int64)
-        for s in range(1, total + 1):
-            if len(perm) < o.batch_size:
-                perm = np.concatenate([perm, order_rng.permutation(n)])
-            idx, perm = perm[:o.batch_size], perm[o.batch_size:]
+        lrs = np.asarray(jax.vmap(optim.schedule(ocfg))(jnp.arange(total)))  # optax counts from 0
+        log = StepLog(wd / "metrics.jsonl")
+        for s, idx in enumerate(batch_order(n, o.batch_size, total, o.seed), start=1):
             batch = {k: jnp.asarray(v[idx]) for k, v in self.train.items()}
             params, opt_state, loss = step(params, opt_state, batch, jax.random.fold_in(rng, s))
-            rec = {"step": s, "loss": float(loss), "learning_rate": float(optim.schedule(ocfg)(s))}
+            rec = {"step": s, "loss": loss, "learning_rate": float(lrs[s - 1])}
             if first_eval and ((o.eval_every and s % o.eval_every == 0) or s == total):
                 res, _ = self.evaluate(params, first_eval[1])
                 rec.update({f"eval_{first_eval[0]}_{k}": v for k, v in res.items()})
                 if res.get(metric, -np.inf) > best:
                     best = res[metric]
                     self._save_best(params, wd)
-            history.append(rec)
-            with open(wd / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            log.add(rec)
+        log.flush()
         if not first_eval:
             self._save_best(params, wd)
         self.params = params
@@ -231,8 +226,10 @@ class Finetuner:
             results[name] = res
             (wd / "eval" / f"{name}.json").write_text(json.dumps(res, indent=1))
             self._write_predictions(wd / "eval", name, preds)
-        return {"steps": total, "best": {metric: best}, "eval": results, "final_train_loss": history[-1]["loss"],
-                "workdir": str(wd)}
+        summary = {"steps": total, "best": {metric: best}, "eval": results,
+                   "final_train_loss": log.last["loss"], "workdir": str(wd)}
+        (wd / "results.json").write_text(json.dumps(summary, indent=1))
+        return summary
 
     def _save_best(self, params, wd: pathlib.Path) -> None:
         tmp = wd / "best.tmp"
@@ -329,6 +326,45 @@ def load_backbone(fresh: dict, source: dict, where: str) -> dict:
         merged[k] = jax.tree.map(jnp.asarray, src[k])
     out["backbone"] = merged
     return out
+
+
+class StepLog:
+    """Appends one JSON line per step to `path`. Losses stay on the device until a block
+    of `every` steps is written, so logging does not stall asynchronous dispatch."""
+
+    def __init__(self, path: pathlib.Path, every: int = 100):
+        self.path, self.every, self.pending, self.last = path, every, [], None
+
+    def add(self, rec: dict) -> None:
+        self.pending.append(rec)
+        if len(self.pending) >= self.every or len(rec) > 3:  # eval results: write now
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        with open(self.path, "a") as f:
+            for rec in self.pending:
+                rec = dict(rec, loss=float(rec["loss"]))
+                f.write(json.dumps(rec) + "\n")
+        self.last, self.pending = rec, []
+
+
+def total_steps(n: int, o: FinetuneOptions) -> int:
+    """Optimizer steps: `epochs` x whole batches per epoch (at least one)."""
+    return max(int(round(o.epochs * max(n // o.batch_size, 1))), 1)
+
+
+def batch_order(n: int, batch_size: int, total: int, seed: int):
+    """Each step's row indices: seeded permutations of the n rows, consumed in order
+    across epoch boundaries (no partial batches)."""
+    rng = np.random.default_rng(seed)
+    perm = np.array([], np.int64)
+    for _ in range(total):
+        if len(perm) < batch_size:
+            perm = np.concatenate([perm, rng.permutation(n)])
+        idx, perm = perm[:batch_size], perm[batch_size:]
+        yield idx
 
 
 def subsample(items: list, n: int | None, rng) -> list:

@@ -1,8 +1,12 @@
 """The same fine-tuning as `finetune`, in Hugging Face transformers (PyTorch), for a
-side-by-side comparison: same init folder, same (seeded) training subsample read by the
-same reader, same sequence length, batch size, learning rate, warmup, linear decay,
-weight decay (not on LayerNorm/bias), clipping, epochs and dropout. Text classification
-and regression only. Needs the `test` extra (torch, transformers).
+side-by-side comparison. Everything but the model and optimizer is shared with ours:
+the same init folder, the same (seeded) training subsample and features (our tokenizer,
+whose ids equal the transformers fast tokenizer's on these data sets -- tests/test_tokenizer
+checks it), the same batch order, step count, sequence length, learning rate, warmup,
+linear decay, weight decay (not on LayerNorm/bias), clipping and dropout, and the same
+evaluation (Viterbi tag decoding, SQuAD n-best search, metrics). Every task type:
+classification, regression, ner, qa. Needs the `test` extra (torch, transformers); runs
+on the GPU when torch sees one.
 
     python -m bert_jax.peers.hf_finetune --flagfile=experiments/finetune/sst2.flags \\
         --init_checkpoint=HF_DIR --workdir=runs/sst2_hf --max_train_examples=4000
@@ -16,80 +20,100 @@ import pathlib
 import numpy as np
 from absl import app
 
-from bert_jax import flags, metrics
-from bert_jax.data import tasks
-from bert_jax.finetuning import subsample
+from bert_jax import flags
+from bert_jax.finetuning import FinetuneError, Finetuner, FinetuneOptions, StepLog, batch_order, total_steps
+from bert_jax.tokenizer import Tokenizer
+
+HF_CLASS = {"classification": "AutoModelForSequenceClassification",
+            "regression": "AutoModelForSequenceClassification",
+            "ner": "AutoModelForTokenClassification", "qa": "AutoModelForQuestionAnswering"}
+
+
+class HFPeer(Finetuner):
+    """A Finetuner whose model and training loop are transformers + torch."""
+
+    def __init__(self, o: FinetuneOptions):
+        import torch
+        import transformers
+        if not (pathlib.Path(o.init_checkpoint) / "config.json").exists():
+            raise FinetuneError(f"--init_checkpoint={o.init_checkpoint}: the peer needs a Hugging Face folder")
+        self.o, self.tok_dir, self.tok = o, o.init_checkpoint, Tokenizer.load(o.init_checkpoint)
+        self._read_train()
+        torch.manual_seed(o.seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        kw = {"num_labels": self.num_labels}
+        if o.task == "regression":
+            kw["problem_type"] = "regression"
+        if o.dropout is not None:
+            kw.update(hidden_dropout_prob=o.dropout, attention_probs_dropout_prob=o.dropout)
+        cls = getattr(transformers, HF_CLASS[o.task])
+        self.model = cls.from_pretrained(o.init_checkpoint, **kw).to(self.device)
+
+    def _tensors(self, feats: dict, idx=None) -> dict:
+        import torch
+        out = {}
+        for k, v in feats.items():
+            v = np.asarray(v if idx is None else v[idx])
+            if k == "labels" and self.o.task == "ner":
+                v = np.where(v < 0, -100, v)  # torch's ignore_index
+            out[k] = torch.from_numpy(v.astype(np.int64) if v.dtype.kind == "i" else v).to(self.device)
+        return out
+
+    def run(self) -> dict:
+        import torch
+        import transformers
+        o = self.o
+        wd = pathlib.Path(o.workdir)
+        wd.mkdir(parents=True, exist_ok=True)
+        n = len(self.train["input_ids"])
+        total = total_steps(n, o)
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=o.learning_rate, eps=1e-6)
+        sched = transformers.get_linear_schedule_with_warmup(opt, int(o.warmup_proportion * total), total)
+        self.model.train()
+        log = StepLog(wd / "metrics.jsonl")
+        for s, idx in enumerate(batch_order(n, o.batch_size, total, o.seed), start=1):
+            lr = sched.get_last_lr()[0]
+            loss = self.model(**self._tensors(self.train, idx)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            log.add({"step": s, "loss": loss.detach(), "learning_rate": lr})
+        log.flush()
+        self.model.eval()
+        results = {}
+        (wd / "eval").mkdir(exist_ok=True)
+        for name, path in o.eval_files:
+            res, preds = self.evaluate(None, path)
+            results[name] = res
+            (wd / "eval" / f"{name}.json").write_text(json.dumps(res, indent=1))
+            self._write_predictions(wd / "eval", name, preds)
+            print(f"hf_finetune: {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+        summary = {"steps": total, "eval": results, "final_train_loss": log.last["loss"], "workdir": str(wd)}
+        (wd / "results.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def predict_logits(self, params, feats: dict, batch_size: int = 64):
+        import torch
+        keys = ("input_ids", "token_type_ids", "attention_mask")
+        outs = []
+        with torch.no_grad():
+            for s in range(0, len(feats["input_ids"]), batch_size):
+                out = self.model(**self._tensors({k: feats[k] for k in keys}, slice(s, s + batch_size)))
+                outs.append((out.start_logits, out.end_logits) if self.o.task == "qa" else (out.logits,))
+        cat = [torch.cat(parts).float().cpu().numpy() for parts in zip(*outs)]
+        return tuple(cat) if self.o.task == "qa" else cat[0]
 
 
 def main(argv):
-    import torch
-    import transformers
     o = flags.finetune_options(argv)
-    torch.manual_seed(o.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    reg = o.task == "regression"
-    ex = tasks.read_text_examples(o.train_file, o.text_column, o.label_column, o.pair_column, regression=reg)
-    ex = subsample(ex, o.max_train_examples, np.random.default_rng(o.seed))
-    labels = None if reg else (list(o.labels) or sorted({e.label for e in ex}))
-    tok = transformers.AutoTokenizer.from_pretrained(o.init_checkpoint)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        o.init_checkpoint, num_labels=1 if reg else len(labels),
-        problem_type="regression" if reg else "single_label_classification")
-    if o.dropout is not None:
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = o.dropout
-
-    def encode(examples):
-        pairs = [e.pair for e in examples] if examples[0].pair is not None else None
-        enc = tok([e.text for e in examples], pairs, truncation=True, max_length=o.max_seq_length,
-                  padding="max_length", return_tensors="pt")
-        y = (torch.tensor([float(e.label) for e in examples]) if reg
-             else torch.tensor(tasks.label_ids(examples, labels)))
-        return enc, y
-
-    enc, y = encode(ex)
-    n = len(ex)
-    total = max(int(round(o.epochs * max(n // o.batch_size, 1))), 1)
-    warm = int(o.warmup_proportion * total)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=o.learning_rate, eps=1e-6)
-    sched = transformers.get_linear_schedule_with_warmup(opt, warm, total)
-    order = np.random.default_rng(o.seed)
-    perm = np.array([], np.int64)
-    model.train()
-    wd = pathlib.Path(o.workdir)
-    wd.mkdir(parents=True, exist_ok=True)
-    for s in range(1, total + 1):
-        if len(perm) < o.batch_size:
-            perm = np.concatenate([perm, order.permutation(n)])
-        idx, perm = torch.tensor(perm[:o.batch_size]), perm[o.batch_size:]
-        out = model(**{k: v[idx] for k, v in enc.items()}, labels=y[idx])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        with open(wd / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": s, "loss": float(out.loss)}) + "\n")
-    model.eval()
-    results = {}
-    for name, path in o.eval_files:
-        dev = tasks.read_text_examples(path, o.text_column, o.label_column, o.pair_column, regression=reg)
-        denc, dy = encode(dev)
-        logits = []
-        with torch.no_grad():
-            for i in range(0, len(dev), 64):
-                logits.append(model(**{k: v[i:i + 64] for k, v in denc.items()}).logits)
-        logits = torch.cat(logits).numpy()
-        res = (metrics.regression(dy.numpy(), logits[:, 0]) if reg
-               else metrics.classification(dy.numpy(), logits.argmax(-1)))
-        results[name] = res
-        print(f"hf_finetune: {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
-    (wd / "results.json").write_text(json.dumps({"steps": total, "eval": results}, indent=1))
+    flags.quiet_library_logs()
+    print(json.dumps(HFPeer(o).run()))
 
 
 if __name__ == "__main__":
