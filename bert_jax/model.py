@@ -125,6 +125,11 @@ def default_position_ids(cfg: ModelConfig, input_ids_BxL: jax.Array) -> jax.Arra
     return jnp.cumsum(real, axis=1) * real + cfg.pad_token_id
 
 
+def freeze_where(cond, x):
+    """x, with no gradient flowing back where `cond` holds."""
+    return jnp.where(cond, jax.lax.stop_gradient(x), x)
+
+
 class Embeddings(nn.Module):
     """Token + position + segment embeddings of width E, LayerNorm, dropout, and the
     factorized E->H projection (ALBERT §3.1) when E != H; usable by every family."""
@@ -147,9 +152,16 @@ class Embeddings(nn.Module):
             self.projection = Dense((c.hidden_size,), ("embed", "embed_out"), jnp.dtype(c.dtype))
 
     def __call__(self, input_ids_BxL, token_type_ids_BxL, position_ids_BxL, deterministic: bool):
-        x_BxLxE = (jnp.take(self.word_embeddings, input_ids_BxL, axis=0)
-                   + jnp.take(self.position_embeddings, position_ids_BxL, axis=0)
-                   + jnp.take(self.token_type_embeddings, token_type_ids_BxL, axis=0))
+        # The padding rows get no gradient, as torch's Embedding(padding_idx=pad) in the HF
+        # models: the word row [PAD] always, and RoBERTa's position row pad_token_id, which
+        # only padding tokens use. It matters where a loss reads padded positions (the QA
+        # span logits): there the padding row would otherwise drift from HF's.
+        pad_BxLx1 = (input_ids_BxL == self.cfg.pad_token_id)[..., None]
+        word_BxLxE = freeze_where(pad_BxLx1, jnp.take(self.word_embeddings, input_ids_BxL, axis=0))
+        pos_BxLxE = jnp.take(self.position_embeddings, position_ids_BxL, axis=0)
+        if self.cfg.position_offset:
+            pos_BxLxE = freeze_where((position_ids_BxL == self.cfg.pad_token_id)[..., None], pos_BxLxE)
+        x_BxLxE = word_BxLxE + pos_BxLxE + jnp.take(self.token_type_embeddings, token_type_ids_BxL, axis=0)
         x_BxLxE = self.dropout(self.norm(x_BxLxE), deterministic=deterministic)
         if self.cfg.embed_dim != self.cfg.hidden_size:
             return self.projection(x_BxLxE)

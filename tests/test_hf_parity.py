@@ -141,6 +141,31 @@ def test_base_model_hidden_states_match(family):
     assert_close(ours["pooled_output"], theirs.pooler_output, "pooler")
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta", "albert"])
+def test_span_loss_gradients_match(family):
+    """Gradients of the QA loss, which reads padded positions, equal torch's for every
+    tensor: the padding embedding rows (torch's padding_idx) get none on either side."""
+    import jax
+    from bert_jax.finetuning import loss_fn
+    task = "question_answering"
+    cfg = tiny.config(family)
+    model = hf_model(cfg, task, seed=2)
+    params = ours_from_hf(model, cfg, task)
+    ids, types, mask = tiny.batch(cfg, seed=2)
+    starts, ends = np.array([1, 2] + [0] * (len(ids) - 2)), np.array([3, 2] + [1] * (len(ids) - 2))
+    batch = dict(input_ids=jnp.asarray(ids), token_type_ids=jnp.asarray(types), attention_mask=jnp.asarray(mask),
+                 start_positions=jnp.asarray(starts), end_positions=jnp.asarray(ends))
+    grads = jax.grad(lambda p: loss_fn("qa", build_model(cfg, task), p, batch, None, deterministic=True))(params)
+    as_long = lambda x: torch.tensor(np.asarray(x), dtype=torch.long)
+    model(input_ids=as_long(ids), token_type_ids=as_long(types), attention_mask=as_long(mask),
+          start_positions=as_long(starts), end_positions=as_long(ends)).loss.backward()
+    theirs = {k: p.grad.numpy() for k, p in model.named_parameters() if p.grad is not None}
+    ours = rename.to_hf(jax.tree.map(np.asarray, grads), cfg, task)
+    assert (np.asarray(ids) == cfg.pad_token_id).any()
+    for k, g in theirs.items():
+        np.testing.assert_allclose(ours[k], g, atol=1e-5, err_msg=k)
+
+
 def test_unrepresentable_sharing_is_named():
     with pytest.raises(rename.RenameError, match="share_scope"):
         rename.hf_entries(tiny.config("albert", share_scope="attention"), "base")
