@@ -10,7 +10,8 @@ A run is NAME[:SEEDS] for experiments/finetune/NAME.flags (default seed 0); flag
 the further seeds), up to --parallel at a time; with --deadline_s nothing starts after
 the deadline and what still runs then is stopped and marked so. Writes per run
 OUT/NAME/{ours,hf}_sSEED/ (the job's workdir) and its log, and after every finished run
-OUT/summary.json and OUT/summary.md (mean over seeds; diff = ours - HF).
+OUT/summary.json and OUT/summary.md (mean over seeds; diff = ours - HF). --collect
+tabulates finished runs already under OUT without running anything.
 """
 
 from __future__ import annotations
@@ -57,6 +58,19 @@ def parse_runs(specs: list[str], out: pathlib.Path) -> list[Run]:
     return [r for level in sorted(levels) for r in levels[level]]
 
 
+def collect(out: pathlib.Path) -> list[Run]:
+    """The finished runs under `out` (OUT/NAME/SIDE_sSEED/results.json)."""
+    runs = []
+    for res in sorted(out.glob("*/*_s*/results.json")):
+        side, _, seed = res.parent.name.rpartition("_s")
+        if side in SIDES and seed.isdigit():
+            runs.append(Run(res.parent.parent.name, int(seed), side, res.parent, "done",
+                            result=json.loads(res.read_text())))
+    if not runs:
+        raise SystemExit(f"side_by_side: no finished runs (NAME/ours_sSEED/results.json) under {out}")
+    return runs
+
+
 def command(r: Run, init: str, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", SIDES[r.side], f"--flagfile={EXPERIMENTS / f'{r.task}.flags'}",
             f"--init_checkpoint={init}", f"--workdir={r.workdir}", f"--seed={r.seed}", *extra]
@@ -98,15 +112,27 @@ def markdown(tasks: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--init_checkpoint", required=True, help="Hugging Face model folder (both sides).")
+    ap.add_argument("--init_checkpoint", help="Hugging Face model folder (both sides).")
     ap.add_argument("--out", required=True, help="Output folder.")
     ap.add_argument("--parallel", type=int, default=1, help="Runs at a time.")
     ap.add_argument("--deadline_s", type=float, default=None, help="Stop starting / stop running after this.")
-    ap.add_argument("runs", nargs="+", help="NAME[:SEEDS] of experiments/finetune/NAME.flags")
+    ap.add_argument("--collect", action="store_true",
+                    help="Run nothing: tabulate the finished runs already under --out (e.g. gathered "
+                         "from several machines).")
+    ap.add_argument("runs", nargs="*", help="NAME[:SEEDS] of experiments/finetune/NAME.flags")
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     out = pathlib.Path(a.out)
+    if a.collect:
+        runs = collect(out)
+        tasks = summarize(runs)
+        (out / "summary.json").write_text(json.dumps(tasks, indent=1))
+        (out / "summary.md").write_text(markdown(tasks))
+        print(markdown(tasks))
+        return 0
+    if not a.runs or not a.init_checkpoint:
+        ap.error("give --init_checkpoint and at least one run, e.g. sst2 or mrpc:0,1,2")
     runs = parse_runs(a.runs, out)
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
     t0 = time.time()
