@@ -93,7 +93,13 @@ def test_side_by_side_runs_both_and_tabulates(shared_data, tiny_hf, tmp_path):
         accs = [r["accuracy"] for r in summary[side].values()]
         assert summary["mean"][side]["accuracy"] == pytest.approx(np.mean(accs))
         assert (out / "rte" / f"{side}_s1" / "eval" / "dev.json").exists()
-    assert "| rte | accuracy |" in (out / "summary.md").read_text()
+    table = (out / "summary.md").read_text()
+    assert "| rte | accuracy |" in table
+    # --collect rebuilds the same table from the finished runs alone.
+    (out / "summary.md").unlink()
+    p = subprocess.run([sys.executable, "-m", "bert_jax.peers.side_by_side", "--collect", f"--out={out}"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and (out / "summary.md").read_text() == table, p.stderr[-2000:]
 
 
 def test_side_by_side_rejects_unknown_task(tmp_path):
