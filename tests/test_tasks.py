@@ -149,6 +149,32 @@ def test_windows_recover_answers_across_window_boundaries(shared_data):
     assert preds == {e.id: e.answers[0] for e in examples}
 
 
+def test_windows_follow_bert_run_squad_on_long_real_contexts(shared_data):
+    """Window starts are doc_stride tokens apart, each window as long as the room left by
+    the question, the last one ending at the context's end -- run_squad.py's loop. (tokenizers
+    0.23.2 cut the windows of 513-token contexts wrongly; this catches such a regression.)"""
+    tok = Tokenizer.load(shared_data / "vocab/bert-base-uncased")
+    examples = tasks.read_squad(shared_data / "qa/squad_v1.1_dev_rebuilt_minus_xquad.json")
+    tok.backend.no_truncation()
+    lengths = [len(e.ids) for e in tok.backend.encode_batch([e.context for e in examples], add_special_tokens=False)]
+    long = [e for e, n in zip(examples, lengths) if n > 250]
+    assert len(long) > 500
+    feats = squad.make_features(tok, long, max_seq_length=384, doc_stride=128, max_query_length=64)
+    tok.backend.no_truncation()
+    for i, ex in enumerate(long):
+        full = tok.backend.encode(ex.context, add_special_tokens=False).offsets
+        q_len = min(len(tok.backend.encode(ex.question, add_special_tokens=False).ids), 64)
+        window, C, starts, s = 384 - q_len - 3, len(full), [], 0
+        while True:  # run_squad.py
+            starts.append(s)
+            if s + min(C - s, window) == C:
+                break
+            s += min(C - s, window, 128)
+        got = [[o for o in feats.offsets[f] if o is not None] for f in np.flatnonzero(feats.example_index == i)]
+        want = [(full[s], full[min(s + window, C) - 1]) for s in starts]
+        assert [(w[0], w[-1]) for w in got] == want, (ex.id, C, window)
+
+
 def test_squad_pipeline_on_gold_spans_scores_100(shared_data):
     tok = Tokenizer.load(shared_data / "vocab/bert-base-uncased")
     examples = tasks.read_squad(shared_data / "qa/squad_v1.1_dev_rebuilt_minus_xquad.json", training=True)
