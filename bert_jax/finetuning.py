@@ -37,6 +37,8 @@ TASKS = ("classification", "regression", "ner", "qa")
 MODEL_TASK = {"classification": "sequence_classification", "regression": "sequence_classification",
               "ner": "token_classification", "qa": "question_answering"}
 DEFAULT_METRIC = {"classification": "accuracy", "regression": "spearman", "ner": "f1", "qa": "f1"}
+METRICS = {"classification": ("accuracy", "f1", "mcc"), "regression": ("pearson", "spearman"),
+           "ner": ("precision", "recall", "f1"), "qa": ("exact_match", "f1")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +133,8 @@ class Finetuner:
     def __init__(self, o: FinetuneOptions):
         if o.task not in TASKS:
             raise FinetuneError(f"--task={o.task!r}: must be one of {TASKS}")
+        if o.best_metric is not None and o.best_metric not in METRICS[o.task]:
+            raise FinetuneError(f"--best_metric={o.best_metric!r}: {o.task} reports {METRICS[o.task]}")
         self.o = o
         src_cfg, _, src_params, tok_dir = convert.load(o.init_checkpoint)
         if tok_dir is None:
@@ -198,7 +202,7 @@ class Finetuner:
 
         rng = jax.random.key(o.seed + 1)
         metric = o.best_metric or DEFAULT_METRIC[o.task]
-        best = -np.inf
+        best, best_eval = None, None  # score and (results, predictions) of the best params
         params = self.params
         first_eval = o.eval_files[0] if o.eval_files else None
         lrs = np.asarray(jax.vmap(optim.schedule(ocfg))(jnp.arange(total)))  # optax counts from 0
@@ -208,21 +212,25 @@ class Finetuner:
             params, opt_state, loss = step(params, opt_state, batch, jax.random.fold_in(rng, s))
             rec = {"step": s, "loss": loss, "learning_rate": float(lrs[s - 1])}
             if first_eval and ((o.eval_every and s % o.eval_every == 0) or s == total):
-                res, _ = self.evaluate(params, first_eval[1])
+                res, preds = self.evaluate(params, first_eval[1])
                 rec.update({f"eval_{first_eval[0]}_{k}": v for k, v in res.items()})
-                if res.get(metric, -np.inf) > best:
-                    best = res[metric]
+                if improves(res[metric], best):
+                    best, best_eval = res[metric], (res, preds)
                     self._save_best(params, wd)
             log.add(rec)
         log.flush()
         if not first_eval:
             self._save_best(params, wd)
         self.params = params
-        best_params = convert.load(wd / "best")[2]
+        best_params = None
         results = {}
         (wd / "eval").mkdir(exist_ok=True)
         for name, path in o.eval_files:
-            res, preds = self.evaluate(best_params, path)
+            if (name, path) == first_eval:  # scored when it was saved
+                res, preds = best_eval
+            else:
+                best_params = best_params or convert.load(wd / "best")[2]
+                res, preds = self.evaluate(best_params, path)
             results[name] = res
             (wd / "eval" / f"{name}.json").write_text(json.dumps(res, indent=1))
             self._write_predictions(wd / "eval", name, preds)
@@ -242,15 +250,19 @@ class Finetuner:
 
     # ----------------------------------------------------------------- evaluate ----
     def predict_logits(self, params, feats: dict, batch_size: int = 64):
-        apply = jax.jit(lambda p, i, t, m: self.model.apply({"params": p}, i, t, m))
-        outs = []
-        for s in range(0, len(feats["input_ids"]), batch_size):
-            sl = slice(s, s + batch_size)
-            outs.append(jax.device_get(apply(params, feats["input_ids"][sl], feats["token_type_ids"][sl],
-                                             feats["attention_mask"][sl])))
+        """Logits of every row, in fixed-size batches (the last one padded), so one
+        compiled program serves every evaluation."""
+        if not hasattr(self, "_apply"):
+            self._apply = jax.jit(lambda p, i, t, m: self.model.apply({"params": p}, i, t, m))
+        n = len(feats["input_ids"])
+        pad = lambda a: np.concatenate([a, np.zeros(((-len(a)) % batch_size,) + a.shape[1:], a.dtype)])
+        ids, types, mask = (pad(np.asarray(feats[k])) for k in ("input_ids", "token_type_ids", "attention_mask"))
+        outs = [jax.device_get(self._apply(params, ids[s:s + batch_size], types[s:s + batch_size],
+                                           mask[s:s + batch_size]))
+                for s in range(0, len(ids), batch_size)]
         if self.o.task == "qa":
-            return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
-        return np.concatenate(outs)
+            return np.concatenate([o[0] for o in outs])[:n], np.concatenate([o[1] for o in outs])[:n]
+        return np.concatenate(outs)[:n]
 
     def evaluate(self, params, path) -> tuple[dict, Any]:
         o = self.o
@@ -326,6 +338,14 @@ def load_backbone(fresh: dict, source: dict, where: str) -> dict:
         merged[k] = jax.tree.map(jnp.asarray, src[k])
     out["backbone"] = merged
     return out
+
+
+def improves(score: float, best: float | None) -> bool:
+    """Whether `score` beats `best` (None before the first evaluation, which always
+    counts; a NaN score, e.g. the correlation of constant predictions, never beats a number)."""
+    if best is None:
+        return True
+    return not np.isnan(score) and (np.isnan(best) or score > best)
 
 
 class StepLog:

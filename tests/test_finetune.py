@@ -114,3 +114,17 @@ def test_checkpoint_mismatch_names_the_param(shared_data, tiny_checkpoint, tmp_p
     with pytest.raises(FinetuneError, match="ffn/intermediate/kernel: shape"):
         Finetuner(FinetuneOptions(task="classification", init_checkpoint=str(bad), train_file=str(train),
                                   workdir=str(tmp_path / "wd")))
+
+
+def test_unknown_best_metric_is_named(tiny_checkpoint, tmp_path):
+    with pytest.raises(FinetuneError, match=r"--best_metric='pearson': classification reports"):
+        Finetuner(FinetuneOptions(task="classification", init_checkpoint=str(tiny_checkpoint),
+                                  train_file="unused.tsv", workdir=str(tmp_path), best_metric="pearson"))
+
+
+def test_best_selection_counts_the_first_eval_and_never_prefers_nan():
+    from bert_jax.finetuning import improves
+    nan = float("nan")
+    assert improves(nan, None) and improves(0.1, None)   # the first evaluation always saves
+    assert improves(0.2, nan) and not improves(nan, 0.2)  # constant predictions: Pearson NaN
+    assert improves(0.3, 0.2) and not improves(0.2, 0.2) and not improves(nan, nan)
