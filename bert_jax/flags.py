@@ -224,6 +224,42 @@ def convert_options(argv=None, fv: flags.FlagValues = FLAGS) -> ConvertOptions:
     return o
 
 
+# ----------------------------------------------------------------- side_by_side ----
+@dataclasses.dataclass(frozen=True)
+class SideBySideOptions:
+    out: str
+    init_checkpoint: str | None
+    parallel: int
+    deadline_s: float | None
+    collect: bool
+    runs: tuple[str, ...]       # NAME[:SEEDS] of experiments/finetune/NAME.flags
+    extra: tuple[str, ...]      # --flag=value given to every run
+
+
+def define_side_by_side_flags(fv: flags.FlagValues = FLAGS) -> None:
+    flags.DEFINE_string("init_checkpoint", None, "Hugging Face model folder (both sides).", flag_values=fv)
+    flags.DEFINE_string("out", None, "Output folder.", flag_values=fv)
+    flags.DEFINE_integer("parallel", 1, "Runs at a time.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_float("deadline_s", None, "Start nothing after this many seconds; stop what still runs.",
+                       flag_values=fv)
+    flags.DEFINE_bool("collect", False, "Run nothing: tabulate the finished runs already under --out.",
+                      flag_values=fv)
+    flags.mark_flags_as_required(["out"], flag_values=fv)
+
+
+def side_by_side_options(argv, fv: flags.FlagValues = FLAGS) -> SideBySideOptions:
+    """argv after absl: positional NAME[:SEEDS] runs, then (after `--`) --flag=value
+    flags for every run."""
+    rest = list(argv[1:])
+    runs = tuple(a for a in rest if not a.startswith("-"))
+    extra = tuple(a for a in rest if a.startswith("-"))
+    if fv.collect and runs:
+        raise FlagError(f"--collect runs nothing; drop the runs {list(runs)}")
+    if not fv.collect and not (runs and fv.init_checkpoint):
+        raise FlagError("give --init_checkpoint=HF_DIR and at least one run (e.g. sst2 mrpc:0,1,2), or --collect")
+    return SideBySideOptions(fv.out, fv.init_checkpoint, fv.parallel, fv.deadline_s, fv.collect, runs, extra)
+
+
 # ----------------------------------------------------------------------- encode ----
 @dataclasses.dataclass(frozen=True)
 class EncodeOptions:

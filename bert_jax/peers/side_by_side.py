@@ -6,9 +6,9 @@ the results side by side.
         --parallel=4 sst2 mrpc:0,1,2 rte:0,1,2 stsb conll2003 squad_v1 -- --max_train_examples=4000
 
 A run is NAME[:SEEDS] for experiments/finetune/NAME.flags (default seed 0); flags after
-`--` go to every run. Runs start in the order given (first seeds of every task, then
-the further seeds), up to --parallel at a time; with --deadline_s nothing starts after
-the deadline and what still runs then is stopped and marked so. Writes per run
+`--` (as --flag=value) go to every run. Runs start in the order given (first seeds of
+every task, then the further seeds), up to --parallel at a time; with --deadline_s
+nothing starts after the deadline and what still runs then is stopped and marked so. Writes per run
 OUT/NAME/{ours,hf}_sSEED/ (the job's workdir) and its log, and after every finished run
 OUT/summary.json and OUT/summary.md (mean over seeds; diff = ours - HF). --collect
 tabulates finished runs already under OUT without running anything.
@@ -16,7 +16,6 @@ tabulates finished runs already under OUT without running anything.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -24,6 +23,10 @@ import pathlib
 import subprocess
 import sys
 import time
+
+from absl import app
+
+from bert_jax import flags
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "finetune"
 SIDES = {"ours": "bert_jax.finetune", "hf": "bert_jax.peers.hf_finetune"}
@@ -109,47 +112,25 @@ def markdown(tasks: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--init_checkpoint", help="Hugging Face model folder (both sides).")
-    ap.add_argument("--out", required=True, help="Output folder.")
-    ap.add_argument("--parallel", type=int, default=1, help="Runs at a time.")
-    ap.add_argument("--deadline_s", type=float, default=None, help="Stop starting / stop running after this.")
-    ap.add_argument("--collect", action="store_true",
-                    help="Run nothing: tabulate the finished runs already under --out (e.g. gathered "
-                         "from several machines).")
-    ap.add_argument("runs", nargs="*", help="NAME[:SEEDS] of experiments/finetune/NAME.flags")
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+def main(argv) -> int:
+    a = flags.side_by_side_options(argv)
     out = pathlib.Path(a.out)
     if a.collect:
         runs = collect(out)
-        tasks = summarize(runs)
-        (out / "summary.json").write_text(json.dumps(tasks, indent=1))
-        (out / "summary.md").write_text(markdown(tasks))
-        print(markdown(tasks))
+        write_summary(runs, out)
+        print((out / "summary.md").read_text())
         return 0
-    if not a.runs or not a.init_checkpoint:
-        ap.error("give --init_checkpoint and at least one run, e.g. sst2 or mrpc:0,1,2")
-    runs = parse_runs(a.runs, out)
+    runs = parse_runs(list(a.runs), out)
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
     t0 = time.time()
     pending, running = list(runs), []
-
-    def write():
-        tasks = summarize(runs)
-        (out / "summary.json").write_text(json.dumps(tasks, indent=1))
-        (out / "summary.md").write_text(markdown(tasks))
-
     while pending or running:
         late = a.deadline_s is not None and time.time() - t0 > a.deadline_s
         while pending and len(running) < a.parallel and not late:
             r = pending.pop(0)
             r.workdir.mkdir(parents=True, exist_ok=True)
             log = open(r.workdir.parent / f"{r.side}_s{r.seed}.log", "w")
-            r.proc = subprocess.Popen(command(r, a.init_checkpoint, extra), stdout=log,
+            r.proc = subprocess.Popen(command(r, a.init_checkpoint, list(a.extra)), stdout=log,
                                       stderr=subprocess.STDOUT, env=env)
             r.status, r.started = "running", time.time()
             running.append(r)
@@ -170,11 +151,19 @@ def main(argv=None) -> int:
                 r.status = "timeout" if late else "failed"
             print(f"side_by_side: {r.task} {r.side} seed {r.seed}: {r.status} in {r.seconds} s "
                   f"{json.dumps(r.result['eval']) if r.result else ''}", flush=True)
-            write()
-    write()
+            write_summary(runs, out)
+    write_summary(runs, out)
     print((out / "summary.md").read_text())
     return 0 if all(r.status == "done" for r in runs) else 1
 
 
+def write_summary(runs: list[Run], out: pathlib.Path) -> None:
+    tasks = summarize(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(tasks, indent=1))
+    (out / "summary.md").write_text(markdown(tasks))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    flags.define_side_by_side_flags()
+    app.run(lambda argv: sys.exit(main(argv)))
