@@ -232,8 +232,7 @@ class Finetuner:
                 best_params = best_params or convert.load(wd / "best")[2]
                 res, preds = self.evaluate(best_params, path)
             results[name] = res
-            (wd / "eval" / f"{name}.json").write_text(json.dumps(res, indent=1))
-            self._write_predictions(wd / "eval", name, preds)
+            self._write_eval(wd / "eval", name, res, preds)
         summary = {"steps": total, "best": {metric: best}, "eval": results,
                    "final_train_loss": log.last["loss"], "workdir": str(wd)}
         (wd / "results.json").write_text(json.dumps(summary, indent=1))
@@ -300,7 +299,9 @@ class Finetuner:
         preds = squad.predict_answers(ex, feats, start, end, o.n_best, o.max_answer_length, o.null_threshold)
         return metrics.squad(preds, {e.id: e.answers for e in ex}), preds
 
-    def _write_predictions(self, folder: pathlib.Path, name: str, preds) -> None:
+    def _write_eval(self, folder: pathlib.Path, name: str, res: dict, preds) -> None:
+        """eval/NAME.json (the metrics) and the predictions beside it."""
+        (folder / f"{name}.json").write_text(json.dumps(res, indent=1))
         o = self.o
         if o.task == "qa":  # the official {id: answer} file
             (folder / f"{name}.predictions.json").write_text(json.dumps(preds, indent=1))

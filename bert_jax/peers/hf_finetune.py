@@ -91,8 +91,7 @@ class HFPeer(Finetuner):
         for name, path in o.eval_files:
             res, preds = self.evaluate(None, path)
             results[name] = res
-            (wd / "eval" / f"{name}.json").write_text(json.dumps(res, indent=1))
-            self._write_predictions(wd / "eval", name, preds)
+            self._write_eval(wd / "eval", name, res, preds)
             print(f"hf_finetune: {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
         summary = {"steps": total, "eval": results, "final_train_loss": log.last["loss"], "workdir": str(wd)}
         (wd / "results.json").write_text(json.dumps(summary, indent=1))
