@@ -184,11 +184,8 @@ class Finetuner:
 
     def run(self) -> dict:
         o = self.o
-        wd = pathlib.Path(o.workdir)
-        wd.mkdir(parents=True, exist_ok=True)
-        n = len(self.train["input_ids"])
-        total = total_steps(n, o)
-        ocfg = optim.OptimConfig("adamw", o.learning_rate, int(o.warmup_proportion * total), total,
+        wd, n, warmup, total = self._plan()
+        ocfg = optim.OptimConfig("adamw", o.learning_rate, warmup, total,
                                  weight_decay=o.weight_decay, max_grad_norm=1.0)
         tx = optim.make(ocfg)
         opt_state = tx.init(self.params)
@@ -211,13 +208,14 @@ class Finetuner:
             batch = {k: jnp.asarray(v[idx]) for k, v in self.train.items()}
             params, opt_state, loss = step(params, opt_state, batch, jax.random.fold_in(rng, s))
             rec = {"step": s, "loss": loss, "learning_rate": float(lrs[s - 1])}
-            if first_eval and ((o.eval_every and s % o.eval_every == 0) or s == total):
+            evaluate = first_eval and ((o.eval_every and s % o.eval_every == 0) or s == total)
+            if evaluate:
                 res, preds = self.evaluate(params, first_eval[1])
                 rec.update({f"eval_{first_eval[0]}_{k}": v for k, v in res.items()})
                 if improves(res[metric], best):
                     best, best_eval = res[metric], (res, preds)
                     self._save_best(params, wd)
-            log.add(rec)
+            log.add(rec, now=bool(evaluate))
         log.flush()
         if not first_eval:
             self._save_best(params, wd)
@@ -237,6 +235,17 @@ class Finetuner:
                    "final_train_loss": log.last["loss"], "workdir": str(wd)}
         (wd / "results.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+    def _plan(self) -> tuple[pathlib.Path, int, int, int]:
+        """The workdir (created), training rows, warmup steps and total optimizer steps:
+        `epochs` x whole batches per epoch (at least one), the first warmup_proportion
+        of them warming up."""
+        o = self.o
+        wd = pathlib.Path(o.workdir)
+        wd.mkdir(parents=True, exist_ok=True)
+        n = len(self.train["input_ids"])
+        total = max(int(round(o.epochs * max(n // o.batch_size, 1))), 1)
+        return wd, n, int(o.warmup_proportion * total), total
 
     def _save_best(self, params, wd: pathlib.Path) -> None:
         tmp = wd / "best.tmp"
@@ -356,9 +365,9 @@ class StepLog:
     def __init__(self, path: pathlib.Path, every: int = 100):
         self.path, self.every, self.pending, self.last = path, every, [], None
 
-    def add(self, rec: dict) -> None:
+    def add(self, rec: dict, now: bool = False) -> None:
         self.pending.append(rec)
-        if len(self.pending) >= self.every or len(rec) > 3:  # eval results: write now
+        if now or len(self.pending) >= self.every:
             self.flush()
 
     def flush(self) -> None:
@@ -369,11 +378,6 @@ class StepLog:
                 rec = dict(rec, loss=float(rec["loss"]))
                 f.write(json.dumps(rec) + "\n")
         self.last, self.pending = rec, []
-
-
-def total_steps(n: int, o: FinetuneOptions) -> int:
-    """Optimizer steps: `epochs` x whole batches per epoch (at least one)."""
-    return max(int(round(o.epochs * max(n // o.batch_size, 1))), 1)
 
 
 def batch_order(n: int, batch_size: int, total: int, seed: int):

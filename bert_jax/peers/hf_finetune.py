@@ -21,7 +21,7 @@ import numpy as np
 from absl import app
 
 from bert_jax import flags
-from bert_jax.finetuning import FinetuneError, Finetuner, FinetuneOptions, StepLog, batch_order, total_steps
+from bert_jax.finetuning import FinetuneError, Finetuner, FinetuneOptions, StepLog, batch_order
 from bert_jax.tokenizer import Tokenizer
 
 HF_CLASS = {"classification": "AutoModelForSequenceClassification",
@@ -63,16 +63,13 @@ class HFPeer(Finetuner):
         import torch
         import transformers
         o = self.o
-        wd = pathlib.Path(o.workdir)
-        wd.mkdir(parents=True, exist_ok=True)
-        n = len(self.train["input_ids"])
-        total = total_steps(n, o)
+        wd, n, warmup, total = self._plan()
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=o.learning_rate, eps=1e-6)
-        sched = transformers.get_linear_schedule_with_warmup(opt, int(o.warmup_proportion * total), total)
+        sched = transformers.get_linear_schedule_with_warmup(opt, warmup, total)
         self.model.train()
         log = StepLog(wd / "metrics.jsonl")
         for s, idx in enumerate(batch_order(n, o.batch_size, total, o.seed), start=1):

@@ -8,10 +8,10 @@ the results side by side.
 A run is NAME[:SEEDS] for experiments/finetune/NAME.flags (default seed 0); flags after
 `--` (as --flag=value) go to every run. Runs start in the order given (first seeds of
 every task, then the further seeds), up to --parallel at a time; with --deadline_s
-nothing starts after the deadline and what still runs then is stopped and marked so. Writes per run
-OUT/NAME/{ours,hf}_sSEED/ (the job's workdir) and its log, and after every finished run
-OUT/summary.json and OUT/summary.md (mean over seeds; diff = ours - HF). --collect
-tabulates finished runs already under OUT without running anything.
+nothing starts after the deadline and what still runs then is stopped and marked so.
+Writes per run OUT/NAME/{ours,hf}_sSEED/ (the job's workdir) and its log, and after every
+finished run OUT/summary.json and OUT/summary.md (mean over seeds; diff = ours - HF).
+--collect tabulates finished runs already under OUT without running anything.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pathlib
 import subprocess
 import sys
 import time
+from typing import Any
 
 from absl import app
 
@@ -42,6 +43,7 @@ class Run:
     seconds: float | None = None
     result: dict | None = None
     proc: subprocess.Popen | None = None
+    log: Any = None
     started: float = 0.0
 
 
@@ -129,8 +131,8 @@ def main(argv) -> int:
         while pending and len(running) < a.parallel and not late:
             r = pending.pop(0)
             r.workdir.mkdir(parents=True, exist_ok=True)
-            log = open(r.workdir.parent / f"{r.side}_s{r.seed}.log", "w")
-            r.proc = subprocess.Popen(command(r, a.init_checkpoint, list(a.extra)), stdout=log,
+            r.log = open(r.workdir.parent / f"{r.side}_s{r.seed}.log", "w")
+            r.proc = subprocess.Popen(command(r, a.init_checkpoint, list(a.extra)), stdout=r.log,
                                       stderr=subprocess.STDOUT, env=env)
             r.status, r.started = "running", time.time()
             running.append(r)
@@ -143,6 +145,7 @@ def main(argv) -> int:
         time.sleep(0.5)
         for r in [r for r in running if r.proc.poll() is not None]:
             running.remove(r)
+            r.log.close()
             r.seconds = round(time.time() - r.started, 1)
             res = r.workdir / "results.json"
             if r.proc.returncode == 0 and res.exists():
