@@ -101,7 +101,7 @@ def define_pretrain_flags(fv: flags.FlagValues = FLAGS, required: bool = True) -
     D.DEFINE_enum("optimizer", "adamw", ["adamw", "adamw_bert", "lamb"], "Optimizer.", flag_values=fv)
     D.DEFINE_float("learning_rate", 1e-4, "Peak learning rate.", flag_values=fv)
     D.DEFINE_integer("warmup_steps", 100, "Linear warmup steps.", flag_values=fv)
-    D.DEFINE_float("decay_power", 1.0, "Polynomial decay power after warmup (1 = linear).", flag_values=fv)
+    D.DEFINE_float("decay_power", 1.0, "Polynomial decay power (1 = linear); adamw decays after warmup, adamw_bert/lamb from step 0 as the original code.", flag_values=fv)
     D.DEFINE_float("weight_decay", 0.01, "Decoupled weight decay (not on LayerNorm/bias).", flag_values=fv)
     D.DEFINE_float("adam_b1", 0.9, "Adam beta1.", flag_values=fv)
     D.DEFINE_float("adam_b2", 0.999, "Adam beta2.", flag_values=fv)

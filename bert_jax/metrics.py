@@ -15,10 +15,13 @@ import string
 from typing import Sequence
 
 import numpy as np
+from scipy.stats import pearsonr, spearmanr
+from seqeval import metrics as seqeval_metrics
+from seqeval.scheme import IOB2, IOBES
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 
 def classification(labels: Sequence[int], preds: Sequence[int]) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
     labels, preds = np.asarray(labels), np.asarray(preds)
     out = {"accuracy": float(accuracy_score(labels, preds)),
            "mcc": float(matthews_corrcoef(labels, preds))}
@@ -30,7 +33,6 @@ def classification(labels: Sequence[int], preds: Sequence[int]) -> dict[str, flo
 
 
 def regression(labels: Sequence[float], preds: Sequence[float]) -> dict[str, float]:
-    from scipy.stats import pearsonr, spearmanr
     labels, preds = np.asarray(labels, float), np.asarray(preds, float)
     if np.std(preds) == 0 or np.std(labels) == 0:  # correlation undefined: report 0
         return {"pearson": 0.0, "spearman": 0.0}
@@ -74,8 +76,6 @@ def squad(predictions: dict[str, str], answers: dict[str, list[str]]) -> dict[st
 # -------------------------------------------------------------------------- NER ----
 def entities(labels: Sequence[Sequence[str]], preds: Sequence[Sequence[str]], scheme: str = "IOB2") -> dict:
     """Entity-level exact-match precision/recall/F1 (conlleval's definition)."""
-    from seqeval.metrics import f1_score, precision_score, recall_score
-    from seqeval.scheme import IOB2, IOBES
     if scheme == "BIOES":
         kw = dict(mode="strict", scheme=IOBES)
     elif scheme == "IOB2":
@@ -83,6 +83,6 @@ def entities(labels: Sequence[Sequence[str]], preds: Sequence[Sequence[str]], sc
     else:  # IOB1: conlleval's default (lenient) chunking
         kw = {}
     labels, preds = [list(x) for x in labels], [list(x) for x in preds]
-    return {"precision": float(precision_score(labels, preds, **kw)),
-            "recall": float(recall_score(labels, preds, **kw)),
-            "f1": float(f1_score(labels, preds, **kw))}
+    return {"precision": float(seqeval_metrics.precision_score(labels, preds, **kw)),
+            "recall": float(seqeval_metrics.recall_score(labels, preds, **kw)),
+            "f1": float(seqeval_metrics.f1_score(labels, preds, **kw))}

@@ -7,7 +7,14 @@
                without bias correction, weight decay, then the layer-wise trust ratio;
                LayerNorm and bias parameters are excluded from BOTH decay and layer
                adaptation. optax.lamb excludes them from neither, so it is built here.
-All: global-norm clipping first; linear warmup, then linear or polynomial decay to 0.
+All: global-norm clipping first. Schedules:
+  adamw              linear warmup, then linear (or polynomial) decay to 0 over the steps
+                     after warmup (Hugging Face's get_linear_schedule_with_warmup).
+  adamw_bert, lamb   the original code's (google-research/bert and albert
+                     optimization.py): polynomial decay from step 0 over ALL train steps,
+                     lr * (1 - step / train_steps) ** power, with warmup overriding it on
+                     the first steps: lr * step / warmup_steps. So the rate right after
+                     warmup is lr * (1 - warmup / train_steps), not lr.
 """
 
 from __future__ import annotations
@@ -43,10 +50,30 @@ class OptimConfig:
 
 
 def schedule(c: OptimConfig) -> optax.Schedule:
+    if c.optimizer in PAPER_CODE_SCHEDULE:
+        return _paper_code_schedule(c)
     warm = optax.linear_schedule(0.0, c.learning_rate, max(c.warmup_steps, 1))
     decay = optax.polynomial_schedule(c.learning_rate, 0.0, c.decay_power,
                                       max(c.train_steps - c.warmup_steps, 1))
     return optax.join_schedules([warm, decay], [c.warmup_steps])
+
+
+# Optimizers whose schedule is the original TF code's (see the module docstring).
+PAPER_CODE_SCHEDULE = ("adamw_bert", "lamb")
+
+
+def _paper_code_schedule(c: OptimConfig) -> optax.Schedule:
+    """tf.train.polynomial_decay(lr, step, train_steps, 0, power) overridden by
+    lr * step / warmup while step < warmup_steps (optimization.py, create_optimizer)."""
+    def fn(step):
+        step = jnp.asarray(step, jnp.float32)
+        frac = jnp.clip(step, 0.0, c.train_steps) / c.train_steps
+        decayed = c.learning_rate * (1.0 - frac) ** c.decay_power
+        if c.warmup_steps <= 0:
+            return decayed
+        warm = c.learning_rate * step / c.warmup_steps
+        return jnp.where(step < c.warmup_steps, warm, decayed)
+    return fn
 
 
 def decay_mask(params):

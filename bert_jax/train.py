@@ -5,7 +5,8 @@ names, `sharding.mesh_shardings` turns them into NamedShardings, and the init is
 with those as out_shardings. The step is jitted with explicit in/out shardings and donates
 the old state. Gradient accumulation scans over microbatches inside the step. A step
 whose loss or gradients are not finite leaves params and optimizer state unchanged and
-is counted.
+is counted. Microbatch losses are sums divided by the whole batch's counts, so
+accumulation gives the big batch's loss and gradient exactly.
 """
 
 from __future__ import annotations
@@ -60,9 +61,22 @@ def create_state(cfg: ModelConfig, tx, seq_len: int, seed: int, mesh, shard=None
 
 
 # ---------------------------------------------------------------------------- loss ----
-def pretraining_loss(cfg: ModelConfig, params, batch, dropout_rng, deterministic=False):
-    """Mean MLM cross-entropy over masked positions, plus NSP/SOP cross-entropy. Returns
-    (loss, metrics); metrics are sums and counts, so microbatches and hosts add up."""
+def loss_denominators(batch) -> tuple[jax.Array, jax.Array]:
+    """(masked-token count, sentence-label count) of a whole batch, at least 1 each: the
+    loss of every microbatch is divided by the global counts, so that accumulating
+    microbatches gives exactly the loss (and gradient) of the big batch."""
+    mlm = jnp.maximum(batch["masked_weights"].sum(), 1.0)
+    sent = jnp.maximum(batch["sentence_weights"].sum(), 1.0) if "sentence_weights" in batch else jnp.ones(())
+    return mlm, sent
+
+
+def pretraining_loss(cfg: ModelConfig, params, batch, dropout_rng, deterministic=False,
+                     denominators=None):
+    """MLM cross-entropy summed over masked positions / the masked-token count, plus
+    NSP/SOP cross-entropy summed / the sentence count. The counts are `denominators`
+    (those of the whole batch, when `batch` is one microbatch of it) or this batch's.
+    Returns (loss, metrics); metrics are sums and counts, so microbatches and hosts add up."""
+    mlm_n, s_n = denominators if denominators is not None else loss_denominators(batch)
     out = PreTrainingModel(cfg).apply(
         {"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
         batch["masked_positions"], batch.get("position_ids"), batch.get("segment_ids"),
@@ -71,7 +85,6 @@ def pretraining_loss(cfg: ModelConfig, params, batch, dropout_rng, deterministic
     logits = out["mlm_logits"]
     w = batch["masked_weights"]
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["masked_ids"])
-    mlm_n = jnp.maximum(w.sum(), 1.0)
     mlm_loss = (nll * w).sum() / mlm_n
     correct = (jnp.argmax(logits, -1) == batch["masked_ids"]) * w
     metrics = {"mlm_nll_sum": (nll * w).sum(), "mlm_correct": correct.sum(), "mlm_count": w.sum(),
@@ -80,7 +93,6 @@ def pretraining_loss(cfg: ModelConfig, params, batch, dropout_rng, deterministic
     if out["sentence_logits"] is not None:
         sw = batch["sentence_weights"]
         s_nll = optax.softmax_cross_entropy_with_integer_labels(out["sentence_logits"], batch["sentence_labels"])
-        s_n = jnp.maximum(sw.sum(), 1.0)
         loss = loss + (s_nll * sw).sum() / s_n
         s_correct = (jnp.argmax(out["sentence_logits"], -1) == batch["sentence_labels"]) * sw
         metrics.update(sentence_nll_sum=(s_nll * sw).sum(), sentence_correct=s_correct.sum(),
@@ -112,12 +124,14 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, grad_acc
             g_acc, m_acc = carry
             mb, i = mb_and_i
             grad_fn = jax.value_and_grad(pretraining_loss, argnums=1, has_aux=True)
-            (loss, m), g = grad_fn(cfg, state.params, mb, jax.random.fold_in(rng, i))
+            (loss, m), g = grad_fn(cfg, state.params, mb, jax.random.fold_in(rng, i),
+                                   denominators=denominators)
             g_acc = jax.tree.map(jnp.add, g_acc, g)
             m = dict(m, loss=loss)
             m_acc = jax.tree.map(jnp.add, m_acc, m)
             return (g_acc, m_acc), None
 
+        denominators = loss_denominators(batch)  # global counts: sums divided once
         split = lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:])
         micro_batches = jax.tree.map(split, batch)
         zeros_g = jax.tree.map(jnp.zeros_like, state.params)
@@ -126,8 +140,6 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, grad_acc
         zeros_m = {k: jnp.zeros((), jnp.float32) for k in list(m_shape) + ["loss"]}
         (grads, metrics), _ = jax.lax.scan(micro, (zeros_g, zeros_m),
                                            (micro_batches, jnp.arange(grad_accum)))
-        grads = jax.tree.map(lambda g: g / grad_accum, grads)
-        metrics["loss"] = metrics["loss"] / grad_accum
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
