@@ -303,18 +303,35 @@ def bpe_backend(vocab_path: pathlib.Path, merges_path: pathlib.Path) -> HFTokeni
             continue
         a, b = line.split(" ")
         merges.append((a, b))
+    vocab = fairseq_layout(vocab)
     tok = HFTokenizer(models.BPE(vocab, merges, unk_token=None, continuing_subword_prefix="",
                                  end_of_word_suffix="", fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    # GPT-2's files lack RoBERTa's specials: add them after the vocabulary, as
-    # transformers does, in its order.
-    missing = [t for t in (s.cls, s.sep, s.unk, s.pad, s.mask) if t not in vocab]
-    tok.add_special_tokens([t for t in dict.fromkeys(missing)])
+    tok.add_special_tokens([s.cls, s.pad, s.sep, s.unk, s.mask])
     tok.post_processor = processors.RobertaProcessing(
         (s.sep, tok.token_to_id(s.sep)), (s.cls, tok.token_to_id(s.cls)),
         trim_offsets=True, add_prefix_space=False)
     return tok
+
+
+def fairseq_layout(vocab: dict[str, int]) -> dict[str, int]:
+    """RoBERTa's id layout (fairseq's dictionary): <s>=0, <pad>=1, </s>=2, <unk>=3, then
+    the BPE tokens in their order, then <mask>. A vocabulary that already has <pad>
+    (RoBERTa's own vocab.json, ours) is returned unchanged. GPT-2's encoder.json has no
+    such tokens: its token i becomes id i + 4 and <mask> the last id (GPT-2's 50,257
+    tokens give 50,262 ids). RoBERTa's released vocabulary orders the BPE tokens by
+    fairseq's dict.txt instead, which matters only to reuse its weights, not to train."""
+    s = SPECIALS["bpe"]
+    if s.pad in vocab:
+        return vocab
+    head = [s.cls, s.pad, s.sep, s.unk]
+    out = {t: i for i, t in enumerate(head)}
+    for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]):
+        if t not in out and t != s.mask:
+            out[t] = len(out)
+    out[s.mask] = len(out)
+    return out
 
 
 def sentencepiece_backend(model_bytes: bytes, lowercase: bool, path="spiece.model") -> HFTokenizer:
@@ -371,9 +388,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def copy_files(src: str | pathlib.Path, dst: str | pathlib.Path) -> None:
     """Copy a tokenizer's files (and no others) into `dst`, for the folders that carry
     their tokenizer: workdirs, converted and exported checkpoints."""
-    Tokenizer.load(src)  # fail early on an unusable folder
+    tok = Tokenizer.load(src)  # fail early on an unusable folder
     src, dst = pathlib.Path(src), pathlib.Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
+    if tok.kind == "bpe" and not (src / "vocab.json").is_file():
+        # GPT-2's encoder.json + vocab.bpe: write the RoBERTa layout they load as
+        # (vocab.json, merges.txt, tokenizer.json), which transformers reads the same way.
+        tok.save(dst)
+        return
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)

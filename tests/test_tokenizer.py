@@ -90,11 +90,33 @@ def test_wordpiece_matches_reference_ids(shared_data):
 
 
 def gpt2_folder_for_transformers(shared_data, tmp_path):
+    """GPT-2's files renumbered by hand into RoBERTa's (fairseq's) layout: <s> <pad> </s>
+    <unk> = 0..3, GPT-2 token i = i + 4, <mask> last."""
     d = tmp_path / "gpt2"
     d.mkdir()
-    shutil.copy(shared_data / "vocab/gpt2-bpe/encoder.json", d / "vocab.json")
+    gpt2 = json.loads((shared_data / "vocab/gpt2-bpe/encoder.json").read_text(encoding="utf-8"))
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{t: i + 4 for t, i in gpt2.items()}}
+    vocab["<mask>"] = len(vocab)
+    (d / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     shutil.copy(shared_data / "vocab/gpt2-bpe/vocab.bpe", d / "merges.txt")
     return d
+
+
+def test_gpt2_files_load_in_roberta_layout(shared_data, tmp_path):
+    """RoBERTa's ids: <s>=0, <pad>=1, </s>=2, <unk>=3 (so real positions start at 2),
+    GPT-2's token i at i + 4; and the folder we write for an export tokenizes the same in
+    transformers' RobertaTokenizerFast."""
+    ours = Tokenizer.load(shared_data / "vocab/gpt2-bpe")
+    assert (ours.cls_id, ours.pad_id, ours.sep_id, ours.unk_id, ours.mask_id) == (0, 1, 2, 3, 50261)
+    gpt2 = json.loads((shared_data / "vocab/gpt2-bpe/encoder.json").read_text(encoding="utf-8"))
+    assert all(ours.token_to_id(t) == i + 4 for t, i in gpt2.items())
+    from bert_jax.config import variant
+    assert variant("roberta-base").replace(pad_token_id=ours.pad_id).position_offset == 2
+    ours.save(tmp_path / "export")
+    theirs = transformers.RobertaTokenizerFast.from_pretrained(
+        only(["vocab.json", "merges.txt", "tokenizer_config.json"], tmp_path / "export", tmp_path / "hf"))
+    assert (theirs.pad_token_id, theirs.mask_token_id) == (1, 50261)
+    compare(ours, theirs, ["Hello world, RoBERTa!", "naïve café — 東京"])
 
 
 def test_bpe_matches_roberta_tokenizer_fast(shared_data, real_texts, tmp_path):
