@@ -38,6 +38,7 @@ ARCHITECTURES.update({"BertForPreTraining": ("bert", "pretraining"),
                       "AlbertForPreTraining": ("albert", "pretraining")})
 HF_ARCHITECTURE = {v: k for k, v in ARCHITECTURES.items()}
 MAX_SHARD_BYTES = 2 * 2**30
+LABELS_FILE = "labels.json"
 
 
 class ConvertError(ValueError):
@@ -150,11 +151,15 @@ def save_hf(out: str | pathlib.Path, cfg: ModelConfig, task: str, params,
 
 # ---------------------------------------------------------------- our folders ----
 def save_ours(out: str | pathlib.Path, cfg: ModelConfig, task: str, params,
-              tokenizer_dir: str | pathlib.Path | None, source: str = "") -> None:
-    """Our checkpoint folder: config.json, task.json, tokenizer/, checkpoints/0 (orbax)."""
+              tokenizer_dir: str | pathlib.Path | None, source: str = "",
+              labels: list[str] | None = None) -> None:
+    """Our checkpoint folder: config.json, task.json, tokenizer/, checkpoints/0 (orbax),
+    and labels.json (the label names in id order) when the task has named labels."""
     with _staging(out) as tmp:
         checkpoint.write_config(tmp, cfg)
         (tmp / "task.json").write_text(json.dumps({"task": task, "source": source}))
+        if labels:
+            (tmp / LABELS_FILE).write_text(json.dumps(list(labels)))
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp / "tokenizer")
         ck = checkpoint.Checkpointer(tmp, keep=1, async_save=False)
@@ -176,6 +181,22 @@ def load(folder: str | pathlib.Path) -> tuple[ModelConfig, str, Any, pathlib.Pat
     cfg, task, params, _ = load_hf(folder)
     has_tok = any((folder / f).exists() for f in ("vocab.txt", "vocab.json", "spiece.model", "tokenizer.json"))
     return cfg, task, params, folder if has_tok else None
+
+
+def read_labels(folder: str | pathlib.Path) -> list[str] | None:
+    """The label names in id order: our labels.json, or a transformers config's id2label
+    (None when the folder has neither, or only transformers' LABEL_i placeholders)."""
+    folder = pathlib.Path(folder)
+    if (folder / LABELS_FILE).exists():
+        labels = json.loads((folder / LABELS_FILE).read_text())
+        return [str(x) for x in labels] or None
+    cfg_path = folder / "config.json"
+    if cfg_path.exists():
+        id2label = json.loads(cfg_path.read_text()).get("id2label") or {}
+        labels = [id2label[k] for k in sorted(id2label, key=int)] if id2label else []
+        if labels and labels != [f"LABEL_{i}" for i in range(len(labels))]:
+            return labels
+    return None
 
 
 class _staging:
@@ -201,16 +222,28 @@ class _staging:
         return False
 
 
+def export(checkpoint_dir: str | pathlib.Path, to_hf: str | pathlib.Path,
+           dtype: str = "float32") -> tuple[ModelConfig, str]:
+    """Our checkpoint folder -> a transformers folder, label names included."""
+    cfg, task, params, tok = load(checkpoint_dir)
+    labels = read_labels(checkpoint_dir)
+    if labels is not None and len(labels) != cfg.num_labels:
+        raise ConvertError(f"{checkpoint_dir}/{LABELS_FILE} names {len(labels)} labels but the "
+                           f"model has num_labels={cfg.num_labels}")
+    save_hf(to_hf, cfg, task, params, tok, dtype, id2label=dict(enumerate(labels)) if labels else None)
+    return cfg, task
+
+
 def main(argv):
     from bert_jax import flags
     o = flags.convert_options(argv)
     if o.from_hf:
         cfg, task, params, _ = load_hf(o.from_hf)
-        save_ours(o.out, cfg, task, params, o.from_hf, source=str(o.from_hf))
+        save_ours(o.out, cfg, task, params, o.from_hf, source=str(o.from_hf),
+                  labels=read_labels(o.from_hf))
         print(f"convert: {o.from_hf} ({cfg.family}, {task}) -> {o.out}")
     else:
-        cfg, task, params, tok = load(o.checkpoint)
-        save_hf(o.to_hf, cfg, task, params, tok, o.hf_dtype)
+        cfg, task = export(o.checkpoint, o.to_hf, o.hf_dtype)
         print(f"convert: {o.checkpoint} ({cfg.family}, {task}) -> {o.to_hf} [{HF_ARCHITECTURE[(cfg.family, task)]}]")
 
 

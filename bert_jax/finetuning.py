@@ -251,8 +251,7 @@ class Finetuner:
         tmp = wd / "best.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         convert.save_ours(tmp, self.cfg, self.mtask, jax.device_get(params), self.tok_dir,
-                          source=f"finetune of {self.o.init_checkpoint}")
-        (tmp / "labels.json").write_text(json.dumps(self.labels))
+                          source=f"finetune of {self.o.init_checkpoint}", labels=self.labels)
         shutil.rmtree(wd / "best", ignore_errors=True)
         tmp.rename(wd / "best")
 

@@ -2,50 +2,96 @@
 
     ./launch.sh report --runs=runs --out=runs/report
 
-For every folder holding a metrics.jsonl: one row of report.md (last step, last train
-loss, best and last held-out MLM accuracy, NSP/SOP accuracy) and <run>.png with the
-training loss and the held-out MLM loss/accuracy against steps.
+Every folder holding a metrics.jsonl is a run, pretraining or fine-tuning, in any mix.
+One row each in report.md and report.csv: kind, last step, last training loss, and
+ - pretraining: held-out MLM loss, held-out MLM accuracy (last / best), NSP/SOP accuracy;
+ - fine-tuning: the evaluation metrics of each eval file (results.json when the run
+   finished, else the last evaluation logged).
+And <run>.png: training loss with the held-out (or evaluation) curves against steps.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import pathlib
 
+import matplotlib
 from absl import app, flags
 
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive back end)
+
 _RUNS = flags.DEFINE_string("runs", None, "Folder holding run folders (or one run).", required=True)
-_OUT = flags.DEFINE_string("out", None, "Folder to write report.md and PNGs to.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Folder to write report.md, report.csv and PNGs to.", required=True)
+
+NAN = float("nan")
 
 
 def read_metrics(path: pathlib.Path) -> tuple[list[dict], list[dict]]:
-    """(train records, held-out records), the last record per step winning (a resumed
-    run re-logs the steps after its checkpoint)."""
-    train, held = {}, {}
+    """(train records, evaluation records), the last record per step winning (a resumed
+    run re-logs the steps after its checkpoint). A record with a `loss` is a training
+    step; pretraining's held-out records (heldout_*) and fine-tuning's evaluations
+    (eval_*) are collected apart (fine-tuning writes them into its step record)."""
+    train, evals = {}, {}
     for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
         r = json.loads(line)
-        (held if "heldout_mlm_loss" in r else train)[r["step"]] = r
-    return [train[k] for k in sorted(train)], [held[k] for k in sorted(held)]
+        scores = {k: v for k, v in r.items() if k.startswith(("heldout_", "eval_"))}
+        if scores:
+            evals[r["step"]] = dict(step=r["step"], **scores)
+        if "loss" in r:
+            train[r["step"]] = r
+    return [train[k] for k in sorted(train)], [evals[k] for k in sorted(evals)]
 
 
-def plot(name: str, train: list[dict], held: list[dict], out: pathlib.Path) -> pathlib.Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def summarize(run: pathlib.Path) -> dict | None:
+    """One row of the table for the run folder `run`, or None when it logged nothing."""
+    train, evals = read_metrics(run / "metrics.jsonl")
+    if not train:
+        return None
+    row = {"run": run.name, "steps": train[-1]["step"], "train_loss": train[-1]["loss"]}
+    if any("mlm_loss" in r for r in train):
+        row["kind"] = "pretrain"
+        held = [r for r in evals if "heldout_mlm_loss" in r]
+        last = held[-1] if held else {}
+        row.update(heldout_mlm_loss=last.get("heldout_mlm_loss", NAN),
+                   heldout_mlm_accuracy=last.get("heldout_mlm_accuracy", NAN),
+                   best_heldout_mlm_accuracy=max((r["heldout_mlm_accuracy"] for r in held), default=NAN),
+                   heldout_sentence_accuracy=last.get("heldout_sentence_accuracy", NAN))
+        return row
+    row["kind"] = "finetune"
+    results = run / "results.json"
+    if results.exists():
+        for name, scores in json.loads(results.read_text()).get("eval", {}).items():
+            row.update({f"{name}_{k}": v for k, v in scores.items()})
+    elif evals:
+        row.update({k[len("eval_"):]: v for k, v in evals[-1].items() if k.startswith("eval_")})
+    return row
+
+
+def plot(name: str, train: list[dict], evals: list[dict], out: pathlib.Path) -> pathlib.Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.plot([r["step"] for r in train], [r["mlm_loss"] for r in train], label="train MLM loss")
-    if held:
-        a.plot([r["step"] for r in held], [r["heldout_mlm_loss"] for r in held], "o-", label="held-out MLM loss")
-        b.plot([r["step"] for r in held], [r["heldout_mlm_accuracy"] for r in held], "o-", label="held-out MLM accuracy")
-        if "heldout_sentence_accuracy" in held[0]:
-            b.plot([r["step"] for r in held], [r["heldout_sentence_accuracy"] for r in held], "s--",
-                   label="held-out NSP/SOP accuracy")
-    b.plot([r["step"] for r in train], [r["mlm_accuracy"] for r in train], alpha=0.5, label="train MLM accuracy")
-    for ax, t in ((a, "loss"), (b, "accuracy")):
+    a.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if any("mlm_loss" in r for r in train):
+        a.plot([r["step"] for r in train], [r.get("mlm_loss", NAN) for r in train], alpha=0.6, label="train MLM loss")
+        b.plot([r["step"] for r in train], [r.get("mlm_accuracy", NAN) for r in train], alpha=0.5,
+               label="train MLM accuracy")
+    keys = sorted({k for r in evals for k in r if k != "step"})
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in evals if k in r and isinstance(r[k], (int, float))]
+        if not pts:
+            continue
+        ax = a if k.endswith("loss") else b
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=k.replace("_", " "))
+    for ax, t in ((a, "loss"), (b, "held-out / evaluation scores")):
         ax.set_xlabel("step")
         ax.set_title(f"{name}: {t}")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / f"{name}.png"
     fig.savefig(path, dpi=110)
@@ -53,26 +99,42 @@ def plot(name: str, train: list[dict], held: list[dict], out: pathlib.Path) -> p
     return path
 
 
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+def write(rows: list[dict], out: pathlib.Path) -> None:
+    """report.md and report.csv with the union of the rows' columns (blank where absent)."""
+    cols = ["run", "kind", "steps", "train_loss"]
+    cols += sorted({k for r in rows for k in r} - set(cols))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    with open(out / "report.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, cols)
+        w.writeheader()
+        w.writerows([{c: r.get(c, "") for c in cols} for r in rows])
+
+
+def report(runs: pathlib.Path, out: pathlib.Path) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for m in sorted(runs.rglob("metrics.jsonl")):
+        row = summarize(m.parent)
+        if row is None:
+            continue
+        rows.append(row)
+        plot(m.parent.name, *read_metrics(m), out)
+    write(rows, out)
+    return rows
+
+
 def main(argv):
     del argv
-    runs, out = pathlib.Path(_RUNS.value), pathlib.Path(_OUT.value)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = ["| run | steps | train MLM loss | held-out MLM loss | held-out MLM acc (last / best) | held-out NSP/SOP acc |",
-            "|---|---|---|---|---|---|"]
-    for m in sorted(runs.rglob("metrics.jsonl")):
-        name = m.parent.name
-        train, held = read_metrics(m)
-        if not train:
-            continue
-        last = held[-1] if held else {}
-        best = max((r["heldout_mlm_accuracy"] for r in held), default=float("nan"))
-        rows.append(f"| {name} | {train[-1]['step']} | {train[-1]['mlm_loss']:.3f} | "
-                    f"{last.get('heldout_mlm_loss', float('nan')):.3f} | "
-                    f"{last.get('heldout_mlm_accuracy', float('nan')):.4f} / {best:.4f} | "
-                    f"{last.get('heldout_sentence_accuracy', float('nan')):.4f} |")
-        plot(name, train, held, out)
-    (out / "report.md").write_text("\n".join(rows) + "\n")
-    print(f"report: wrote {out / 'report.md'}")
+    rows = report(pathlib.Path(_RUNS.value), pathlib.Path(_OUT.value))
+    print(f"report: {len(rows)} runs -> {pathlib.Path(_OUT.value) / 'report.md'}")
 
 
 if __name__ == "__main__":

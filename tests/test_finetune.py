@@ -128,3 +128,45 @@ def test_best_selection_counts_the_first_eval_and_never_prefers_nan():
     assert improves(nan, None) and improves(0.1, None)   # the first evaluation always saves
     assert improves(0.2, nan) and not improves(nan, 0.2)  # constant predictions: Pearson NaN
     assert improves(0.3, 0.2) and not improves(0.2, 0.2) and not improves(nan, nan)
+
+
+def test_export_keeps_label_names_and_report_reads_every_run(shared_data, tiny_checkpoint, tmp_path):
+    """A fine-tuned classifier and tagger exported to Hugging Face: config.json carries
+    id2label/label2id, and transformers' pipelines print the real names (NER: the tags of
+    the scheme the model was trained in). `report` then tabulates the fine-tuning runs."""
+    import subprocess
+    import sys
+    import transformers
+    rows = (shared_data / "classification/sst2/train.tsv").read_text(encoding="utf-8").splitlines()[1:33]
+    named = tmp_path / "named.tsv"
+    named.write_text("sentence\tlabel\n" + "".join(
+        f"{r.split(chr(9))[0]}\t{'positive' if r.split(chr(9))[1] == '1' else 'negative'}\n" for r in rows))
+    run(tiny_checkpoint, tmp_path / "cls", "classification", named, epochs=1)
+    conll = (shared_data / "ner/conll2003/train.txt").read_text().split("\n\n")[1:17]
+    ner_file = tmp_path / "ner.txt"
+    ner_file.write_text("\n\n".join(conll) + "\n")
+    run(tiny_checkpoint, tmp_path / "ner", "ner", ner_file, epochs=1)
+
+    convert.export(tmp_path / "cls/wd/best", tmp_path / "hf_cls")
+    cfg = json.loads((tmp_path / "hf_cls/config.json").read_text())
+    assert cfg["id2label"] == {"0": "negative", "1": "positive"}
+    assert cfg["label2id"] == {"negative": 0, "positive": 1}
+    clf = transformers.pipeline("text-classification", model=str(tmp_path / "hf_cls"), device="cpu")
+    assert clf("a gorgeous, witty film")[0]["label"] in {"negative", "positive"}
+
+    convert.export(tmp_path / "ner/wd/best", tmp_path / "hf_ner")
+    tags = json.loads((tmp_path / "ner/wd/best/labels.json").read_text())
+    assert "S-PER" in tags and "B-LOC" in tags  # BIOES, the default output scheme
+    cfg = json.loads((tmp_path / "hf_ner/config.json").read_text())
+    assert [cfg["id2label"][str(i)] for i in range(len(tags))] == tags
+    tagger = transformers.pipeline("token-classification", model=str(tmp_path / "hf_ner"), device="cpu",
+                                   ignore_labels=[])
+    out = tagger("EU rejects German call to boycott British lamb .")
+    assert out and all(t["entity"] in tags for t in out)
+
+    res = subprocess.run([sys.executable, "-m", "bert_jax.report", f"--runs={tmp_path}",
+                          f"--out={tmp_path / 'report'}"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = (tmp_path / "report/report.md").read_text()
+    assert table.count("| wd | finetune |") == 2 and "train_accuracy" in table and "train_f1" in table
+    assert (tmp_path / "report/report.csv").read_text().count("finetune") == 2

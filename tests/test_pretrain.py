@@ -205,13 +205,26 @@ def test_bench_prints_every_field(tmp_path):
 
 
 def test_report_writes_table_and_plot(reference, tmp_path):
-    res = subprocess.run([sys.executable, "-m", "bert_jax.report", f"--runs={reference}",
-                          f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True)
+    """A folder mixing a pretraining run and a fine-tuning run's log (written by the
+    fine-tuning job's own StepLog) gives one row and one plot each."""
+    import shutil
+    from bert_jax.finetuning import StepLog
+    runs = tmp_path / "runs"
+    shutil.copytree(reference, runs / "pre")
+    (runs / "ft").mkdir()
+    log = StepLog(runs / "ft" / "metrics.jsonl")
+    for s in range(1, 5):
+        log.add({"step": s, "loss": 1.0 / s, "learning_rate": 1e-3,
+                 **({"eval_dev_accuracy": 0.5 + s / 10, "eval_dev_f1": 0.4} if s % 2 == 0 else {})})
+    log.flush()
+    res = subprocess.run([sys.executable, "-m", "bert_jax.report", f"--runs={runs}",
+                          f"--out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    table = (tmp_path / "report.md").read_text()
-    assert f"| {reference.name} | 8 |" in table
-    png = tmp_path / f"{reference.name}.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "out" / "report.md").read_text()
+    assert "| pre | pretrain | 8 |" in table and "| ft | finetune | 4 | 0.2500 |" in table
+    assert "dev_accuracy" in table.splitlines()[0] and "0.9000" in table
+    for name in ("pre", "ft"):
+        assert (tmp_path / "out" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_vocab_job_command_line(tmp_path):
