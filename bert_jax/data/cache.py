@@ -15,6 +15,7 @@ and renamed, so concurrent writers are safe):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -44,6 +45,17 @@ class TokenizedCorpus:
     @property
     def num_documents(self) -> int:
         return len(self.documents) - 1
+
+    @functools.cached_property
+    def document_starts(self) -> np.ndarray:
+        """Token offset of each document start, ascending (D+1, the last = len(tokens))."""
+        return self.sentences[self.documents]
+
+    def document_starts_inside(self, t0: int, t1: int) -> np.ndarray:
+        """Token offsets of the document starts strictly inside (t0, t1), by binary
+        search: the cost does not grow with the number of documents."""
+        starts = self.document_starts
+        return starts[np.searchsorted(starts, t0, "right"):np.searchsorted(starts, t1, "left")]
 
     def doc_token_range(self, d: int) -> tuple[int, int]:
         return int(self.sentences[self.documents[d]]), int(self.sentences[self.documents[d + 1]])

@@ -115,14 +115,28 @@ def _truncate(inst, max_tokens, rng):
 
 
 def _full_sentences(c: TokenizedCorpus, cfg: InstanceConfig, rng) -> np.ndarray:
+    """Greedy rows of whole sentences, one pass over the sentences: the next document
+    start is tracked by a pointer, so the cost per row does not grow with the number of
+    documents (it scanned every document once per sentence before)."""
     max_tokens = cfg.max_seq_length - 2  # <s> ... </s>
     out, sent = [], c.sentences
+    starts = c.document_starts
     n_sent = len(sent) - 1
     i = 0
+    d = 0  # index of the first document start after the row's start
     while i < n_sent:
         start, j = int(sent[i]), i
+        while d < len(starts) and starts[d] <= start:
+            d += 1
         # Extra separators at document boundaries count against the length.
-        while j < n_sent and (sent[j + 1] - start) + _boundaries(c, start, int(sent[j + 1])) <= max_tokens:
+        inside, k = 0, d
+        while j < n_sent:
+            end = int(sent[j + 1])
+            while k < len(starts) and starts[k] < end:
+                k += 1
+            inside = k - d  # document starts strictly inside (start, end)
+            if (end - start) + inside > max_tokens:
+                break
             j += 1
         if j == i:  # one sentence longer than the row: take its head
             out.append((start, start + max_tokens, 0, 0, 0))
@@ -131,12 +145,6 @@ def _full_sentences(c: TokenizedCorpus, cfg: InstanceConfig, rng) -> np.ndarray:
             out.append((start, int(sent[j]), 0, 0, 0))
         i = j
     return np.asarray(out, np.int64)
-
-
-def _boundaries(c: TokenizedCorpus, t0: int, t1: int) -> int:
-    """Number of document starts strictly inside the token range (t0, t1)."""
-    doc_tok = c.sentences[c.documents]
-    return int(np.sum((doc_tok > t0) & (doc_tok < t1)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,8 +163,7 @@ def materialize(c: TokenizedCorpus, inst: np.ndarray, objective: str, specials: 
     a0, a1, b0, b1, label = (int(x) for x in inst)
     if objective == "none":
         toks, words = c.tokens[a0:a1], c.word_start[a0:a1]
-        doc_tok = c.sentences[c.documents]
-        cuts = doc_tok[(doc_tok > a0) & (doc_tok < a1)] - a0
+        cuts = c.document_starts_inside(a0, a1) - a0
         toks = np.insert(toks, cuts, specials.sep)
         words = np.insert(words, cuts, 1)
         ids = np.concatenate([[specials.cls], toks, [specials.sep]])
