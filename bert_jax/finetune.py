@@ -12,6 +12,7 @@ from bert_jax import flags
 
 def main(argv):
     opts = flags.finetune_options(argv)
+    flags.apply_determinism()
     flags.quiet_library_logs()
     from bert_jax.finetuning import Finetuner
     summary = Finetuner(opts).run()

@@ -120,9 +120,24 @@ def define_pretrain_flags(fv: flags.FlagValues = FLAGS, required: bool = True) -
     D.DEFINE_integer("max_nonfinite_streak", 10, "Stop after this many non-finite steps in a row.", flag_values=fv)
     D.DEFINE_bool("progress_bar", True, "Show a progress bar.", flag_values=fv)
     D.DEFINE_integer("stop_at_step", None, "Checkpoint and exit at this step, keeping the schedule of --train_steps.", flag_values=fv)
+    define_determinism_flag(fv)
     define_distributed_flags(fv)
     if required:
         flags.mark_flags_as_required(["workdir", "corpus"], flag_values=fv)
+
+
+def define_determinism_flag(fv: flags.FlagValues = FLAGS) -> None:
+    flags.DEFINE_bool("deterministic_gpu", False,
+                      "GPU only: forbid XLA's nondeterministic kernels (scatter-add of embedding "
+                      "gradients, some reductions use atomics), so that a GPU run repeats bit for "
+                      "bit, at some speed cost. CPU and TPU runs repeat without it.", flag_values=fv)
+
+
+def apply_determinism(fv: flags.FlagValues = FLAGS) -> None:
+    """Set XLA's deterministic-ops flag before JAX starts its back end."""
+    import os
+    if fv.deterministic_gpu:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
 
 
 def define_distributed_flags(fv: flags.FlagValues = FLAGS) -> None:
@@ -315,6 +330,7 @@ def define_finetune_flags(fv: flags.FlagValues = FLAGS) -> None:
     D.DEFINE_integer("max_train_examples", None, "Seeded subsample of the training set.", flag_values=fv)
     D.DEFINE_float("dropout", None, "Override the checkpoint's dropout.", flag_values=fv)
     D.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.", flag_values=fv)
+    define_determinism_flag(fv)
     flags.mark_flags_as_required(["task", "init_checkpoint", "train_file", "workdir"], flag_values=fv)
 
 

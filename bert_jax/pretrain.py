@@ -12,6 +12,7 @@ from bert_jax import flags
 
 def main(argv):
     opts = flags.pretrain_options(argv)
+    flags.apply_determinism()
     flags.quiet_library_logs()
     flags.init_distributed()
     from bert_jax import pretraining

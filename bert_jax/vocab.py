@@ -66,16 +66,31 @@ def _check_size(kind, got: int, asked: int, files):
 
 
 def _train_wordpiece(files, vocab_size, lowercase) -> HFTokenizer:
+    """tokenizers' WordPiece trainer numbers the `##c` continuation symbols in the order
+    it meets them in a hash map, which differs between processes; merges that tie on
+    frequency are then broken by those ids, so two trainings on the same text gave
+    different vocabularies. Giving every `##c` of the corpus's alphabet up front, in
+    code-point order, fixes their ids and so the whole vocabulary (as BERT's own vocab
+    holds a `##c` for each character)."""
     s = SPECIALS["wordpiece"]
     tok = HFTokenizer(models.WordPiece(unk_token=s.unk))
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=None)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=s.all(),
+    continuation = ["##" + c for c in sorted(_alphabet(files, tok.normalizer))]
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=s.all() + continuation,
                                         continuing_subword_prefix="##", show_progress=False)
     tok.train_from_iterator(_lines(files), trainer)
     vocab = tok.get_vocab()
     _check_size("wordpiece", len(vocab), vocab_size, files)
     return wordpiece_backend(vocab, lowercase)
+
+
+def _alphabet(files, normalizer) -> set[str]:
+    """The characters of the normalised corpus, whitespace excluded."""
+    chars: set[str] = set()
+    for line in _lines(files):
+        chars.update(normalizer.normalize_str(line))
+    return {c for c in chars if not c.isspace()}
 
 
 def _train_bpe(files, vocab_size) -> HFTokenizer:
@@ -104,13 +119,15 @@ def _train_sentencepiece(files, vocab_size, lowercase) -> tuple[HFTokenizer, byt
     norm = normalizers.Sequence(steps)  # what encoding applies before the model
     s = SPECIALS["sentencepiece"]
     model = io.BytesIO()
+    spm.set_random_generator_seed(0)  # its sentence sampling on large corpora: reproducible
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=(norm.normalize_str(l) for l in _lines(files)),
             model_writer=model, vocab_size=vocab_size, model_type="unigram",
             pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, pad_piece=s.pad, unk_piece=s.unk,
             control_symbols=[s.cls, s.sep, s.mask], input_sentence_size=2_000_000,
-            shuffle_input_sentence=True, train_extremely_large_corpus=False, minloglevel=2)
+            shuffle_input_sentence=True, train_extremely_large_corpus=False, minloglevel=2,
+            num_threads=16)  # fixed, not the machine's core count: same model everywhere
     except RuntimeError as e:
         raise TokenizerError(f"--vocab_size={vocab_size}: SentencePiece training on "
                              f"{files[0]}{' ...' if len(files) > 1 else ''} failed: {e}") from None
