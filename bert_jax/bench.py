@@ -37,7 +37,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, predict_frac: float) -> floa
     enc = D * (4 * H * H + 2 * H * F)
     attn = D * 2 * seq_len * H
     head = (H * E + E * V) * predict_frac
-    return 6.0 * (enc + attn + head)
+    factorized = E * H if E != H else 0  # the E -> H embedding projection, every token
+    return 6.0 * (enc + attn + head + factorized)
 
 
 def peak_tflops(device, override: float | None) -> float | None:
@@ -79,6 +80,7 @@ def bench_one(cfg: ModelConfig, ocfg: optim.OptimConfig, batch_size: int, seq: i
         for _ in range(warmup):
             state, m = compiled(state, batch)
         jax.block_until_ready(state)
+        loss_before = float(m["loss"]) if warmup else None
         t0 = time.perf_counter()
         for _ in range(steps):
             state, m = compiled(state, batch)
@@ -95,7 +97,21 @@ def bench_one(cfg: ModelConfig, ocfg: optim.OptimConfig, batch_size: int, seq: i
                 peak_memory_gb=(round(mem["peak_bytes_in_use"] / 2**30, 3)
                                 if "peak_bytes_in_use" in mem else None),
                 device=f"{len(jax.devices())}x {getattr(dev, 'device_kind', dev.platform)}",
-                flops_per_token=fpt, loss=float(m["loss"]))
+                flops_per_token=fpt, xla_flops_per_step=xla_flops(compiled),
+                step=int(state.step), loss_before_timing=loss_before, loss=float(m["loss"]))
+
+
+def xla_flops(compiled) -> float | None:
+    """XLA's own count of the compiled step's floating-point operations, per device
+    program (an independent check of flops_per_token on one device; a scanned layer body
+    is counted once, not per layer)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every back end offers it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def main(argv):
