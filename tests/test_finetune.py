@@ -170,3 +170,33 @@ def test_export_keeps_label_names_and_report_reads_every_run(shared_data, tiny_c
     table = (tmp_path / "report/report.md").read_text()
     assert table.count("| wd | finetune |") == 2 and "train_accuracy" in table and "train_f1" in table
     assert (tmp_path / "report/report.csv").read_text().count("finetune") == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["roberta", "albert"])
+def test_roberta_and_albert_fine_tune_end_to_end(family, shared_data, tmp_path):
+    """The other two families fine-tune with their own tokenizers (GPT-2's BPE in
+    RoBERTa's layout; a SentencePiece model from the vocab job) and heads (RoBERTa's
+    classification head, ALBERT's shared layers): they overfit 48 real SST-2 rows."""
+    import pathlib
+    from bert_jax import vocab
+    from bert_jax.tokenizer import Tokenizer
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    if family == "roberta":
+        tok_dir = shared_data / "vocab/gpt2-bpe"
+    else:
+        tok_dir = tmp_path / "spiece"
+        vocab.train("sentencepiece", f"{repo}/bert_jax/corpus/train/*.txt", 2000, tok_dir)
+    tok = Tokenizer.load(tok_dir)
+    extra = dict(type_vocab_size=1, layer_norm_eps=1e-5) if family == "roberta" else dict(embedding_size=24)
+    cfg = ModelConfig(family=family, vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, hidden_size=32,
+                      num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                      max_position_embeddings=80, **extra)
+    ckpt = tmp_path / "ckpt"
+    convert.save_ours(ckpt, cfg, "base", jax.device_get(nn.unbox(init_params(cfg, "base", jax.random.key(0)))),
+                      tok_dir)
+    train = head(shared_data / "classification/sst2/train.tsv", 48, tmp_path, "sst2.tsv")
+    s = run(ckpt, tmp_path, "classification", train, epochs=30)
+    assert s["eval"]["train"]["accuracy"] >= 0.95, s
+    best_cfg, task, _, _ = convert.load(tmp_path / "wd/best")
+    assert best_cfg.family == family and task == "sequence_classification"
