@@ -68,6 +68,47 @@ class PretrainError(RuntimeError):
     """A run cannot go on; the message names the step and the last good checkpoint."""
 
 
+# Options that may change when a run resumes: they decide how the run is observed,
+# checkpointed, stopped or laid out on devices, not which model is trained on what data.
+# (train_steps may grow to extend a run; the schedule follows it.) Every other option is
+# compared with the checkpoint's record, and a difference is an error naming the flag.
+RESUME_MAY_CHANGE = frozenset({
+    "workdir", "heldout_corpus", "cache_dir", "train_steps", "stop_at_step", "mesh_data", "mesh_fsdp",
+    "mesh_tensor", "checkpoint_every", "keep_checkpoints", "async_checkpoint", "log_every",
+    "eval_every", "eval_batches", "max_nonfinite_streak", "progress_bar", "scan_layers",
+    "remat_policy", "attention_impl"})
+OPTIM_FLAGS = {"optimizer": "optimizer", "learning_rate": "learning_rate", "warmup_steps": "warmup_steps",
+               "decay_power": "decay_power", "weight_decay": "weight_decay", "b1": "adam_b1",
+               "b2": "adam_b2", "eps": "adam_eps", "max_grad_norm": "max_grad_norm"}
+
+
+def flag_record(o: PretrainOptions) -> dict[str, Any]:
+    """The options as {flag name: value} (JSON values), as the run record stores them."""
+    out = {f.name: getattr(o, f.name) for f in dataclasses.fields(o)
+           if f.name not in ("optim", "model_overrides", "resolved_flags")}
+    out.update({flag: getattr(o.optim, field) for field, flag in OPTIM_FLAGS.items()})
+    out.update(dict(o.model_overrides))
+    return json.loads(json.dumps(out))
+
+
+def check_resume(o: PretrainOptions, manifest: dict, tok: Tokenizer, where: pathlib.Path) -> None:
+    """A resumed run must be the run its checkpoint started: same tokenizer, same flags
+    except RESUME_MAY_CHANGE. Errors name every flag that differs."""
+    if manifest.get("tokenizer_fingerprint") not in (None, tok.fingerprint()):
+        raise PretrainError(f"{where} was trained with tokenizer {manifest['tokenizer_fingerprint']}, "
+                            f"but the workdir's tokenizer is now {tok.fingerprint()}; use a new --workdir")
+    old = manifest.get("options")
+    if old is None:
+        logging.warning("%s records no options (an older checkpoint): flags not compared", where)
+        return
+    new = flag_record(o)
+    diff = [f"--{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k)]
+    if diff:
+        raise PretrainError(f"--workdir={o.workdir} holds a run with other options ({where}): "
+                            + "; ".join(diff) + ". Resume with the same flags, or use a new --workdir")
+
+
 def model_config(o: PretrainOptions, tokenizer: Tokenizer) -> ModelConfig:
     overrides = dict(o.model_overrides)
     base = variant(o.variant)
@@ -201,7 +242,8 @@ def run(o: PretrainOptions) -> dict:
     ckpt = ckpt_lib.Checkpointer(workdir, o.keep_checkpoints, o.async_checkpoint)
     start = ckpt.latest_step()
     if start is not None:
-        state, data_state, _ = ckpt.restore(start, abstract, state_sh)
+        state, data_state, saved_manifest = ckpt.restore(start, abstract, state_sh)
+        check_resume(o, saved_manifest, tok, ckpt.dir / str(start))
         logging.info("resuming from %s at step %d", ckpt.dir / str(start), start)
     else:
         state, data_state = train.create_state(cfg, tx, o.max_seq_length, o.seed, mesh, state_sh), None
@@ -209,7 +251,7 @@ def run(o: PretrainOptions) -> dict:
     chief = jax.process_index() == 0  # the one process that writes files other than checkpoints
     if chief:
         ckpt_lib.write_config(workdir, cfg)
-    manifest = dict(flags=o.resolved_flags, git_revision=ckpt_lib.git_revision(),
+    manifest = dict(flags=o.resolved_flags, options=flag_record(o), git_revision=ckpt_lib.git_revision(),
                     tokenizer_fingerprint=tok.fingerprint(), packages=ckpt_lib.package_versions(),
                     model_config=dataclasses.asdict(cfg), devices=str(jax.devices()[:4]),
                     process_count=jax.process_count())

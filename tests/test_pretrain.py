@@ -184,6 +184,23 @@ def test_roberta_learns_with_byte_level_bpe_and_factorized_embeddings(bpe_dir, t
     assert s["heldout"]["mlm_accuracy"] > 2.0 / 400
 
 
+def test_resume_checks_the_run_record(tmp_path):
+    """Rerunning a workdir with a flag that changes the model, data or optimization is an
+    error naming the flag, before any step and without touching the record; a flag that
+    only changes how the run is observed (--log_every) resumes."""
+    pretraining.run(options(tmp_path, "--stop_at_step=4"))
+    record = (tmp_path / "manifest.json").read_text(), (tmp_path / "metrics.jsonl").read_text()
+    for flag, name in (("--learning_rate=2e-3", "--learning_rate: checkpoint 0.001, now 0.002"),
+                       ("--max_seq_length=24", "--max_seq_length: checkpoint 32, now 24"),
+                       ("--whole_word_masking", "--whole_word_masking"),
+                       ("--seed=1", "--seed: checkpoint 0, now 1")):
+        with pytest.raises(pretraining.PretrainError, match=name):
+            pretraining.run(options(tmp_path, flag))
+        assert ((tmp_path / "manifest.json").read_text(), (tmp_path / "metrics.jsonl").read_text()) == record
+    s = pretraining.run(options(tmp_path, "--log_every=3"))
+    assert s["step"] == 8
+
+
 def test_misspelled_flag_is_named():
     res = subprocess.run([sys.executable, "-m", "bert_jax.pretrain", f"--flagfile={TINY}",
                           "--workdir=/tmp/x", "--learning_rat=1e-3"], cwd=REPO,
