@@ -14,10 +14,13 @@ import dataclasses
 import json
 import pathlib
 import subprocess
+import time
 from importlib import metadata
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from bert_jax.config import ModelConfig
@@ -74,9 +77,48 @@ def check_same_architecture(workdir: pathlib.Path, cfg: ModelConfig) -> None:
                               f"({'; '.join(diff)}); use a new --workdir or matching flags")
 
 
+# ------------------------------------------------------------------- checksums ----
+def _checksum(x):
+    """A uint32 checksum of one array's bits: sum over elements of bits * (odd weight per
+    position), wrapping. Any change of one element changes it; computed where the array
+    lives, so a sharded array reduces across its devices."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    u = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, u).astype(jnp.uint32).reshape(-1)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435762) + jnp.uint32(1)
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+_checksums_jit = jax.jit(lambda xs: [_checksum(x) for x in xs])
+
+
+def checksums(tree) -> dict[str, int]:
+    """{path of each array: its checksum}, as saved beside every checkpoint."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    sums = _checksums_jit([jnp.asarray(x) for _, x in leaves])
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): int(np.asarray(v.addressable_data(0)))
+            for (p, _), v in zip(leaves, sums)}
+
+
+def verify(tree, saved: dict | None, where) -> None:
+    """Raise CheckpointError naming the arrays of `tree` whose checksum is not the one
+    recorded at save (`saved`; a checkpoint written before checksums has none)."""
+    if saved is None:
+        return
+    got = checksums(tree)
+    bad = [k for k in sorted(set(saved) | set(got)) if saved.get(k) != got.get(k)]
+    if bad:
+        raise CheckpointError(f"checkpoint {where} is corrupt: {len(bad)} array(s) differ from their "
+                              f"checksums at save ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})")
+
+
 class Checkpointer:
     def __init__(self, workdir: pathlib.Path, keep: int = 3, async_save: bool = True):
         self.dir = (workdir / "checkpoints").resolve()
+        self.quarantine = self.dir.parent / "checkpoints.corrupt"
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                             enable_async_checkpointing=async_save,
                                             cleanup_tmp_directories=True)
@@ -87,9 +129,46 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, manifest: dict, force: bool = False) -> None:
+        """Save (asynchronously) with a checksum of every array in the manifest item, so
+        that a restore can tell a corrupt checkpoint from a good one."""
+        manifest = dict(manifest, checksums=checksums(state))
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
             manifest=ocp.args.JsonSave(manifest)), force=force)
+
+    def restore_latest(self, abstract_state, shardings) -> tuple[int, Any, dict, dict] | None:
+        """(step, state, data state, manifest) of the newest checkpoint that restores and
+        matches its checksums, or None when there is none. Newer checkpoints that fail are
+        moved to <workdir>/checkpoints.corrupt/<step> (kept, never deleted), each with a
+        warning; when every checkpoint fails nothing is moved and CheckpointError lists them."""
+        failures = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, data, manifest = self.restore(step, abstract_state, shardings)
+            except CheckpointError as e:
+                failures.append((step, e))
+                continue
+            for bad, err in failures:
+                self._set_aside(bad, err, step)
+            return step, state, data, manifest
+        if failures:
+            raise CheckpointError("no checkpoint in {} can be restored: {}".format(
+                self.dir, "; ".join(str(e) for _, e in failures)))
+        return None
+
+    def _set_aside(self, step: int, err: Exception, resumed: int) -> None:
+        from absl import logging
+        dest = self.quarantine / str(step)
+        if jax.process_index() == 0:
+            self.quarantine.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                dest = self.quarantine / f"{step}.{int(time.time())}"
+            (self.dir / str(step)).rename(dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"set_aside_{step}")
+        self.manager.reload()
+        logging.warning("%s; moved it to %s and resuming from the verified checkpoint %d", err, dest, resumed)
 
     def restore(self, step: int, abstract_state, shardings) -> tuple[Any, dict, dict]:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -101,6 +180,7 @@ class Checkpointer:
         except Exception as e:  # orbax/tensorstore raise many types; name the folder
             raise CheckpointError(f"checkpoint {self.dir / str(step)} cannot be restored "
                                   f"(partial or corrupt?): {type(e).__name__}: {e}") from e
+        verify(out["state"], out["manifest"].get("checksums"), self.dir / str(step))
         return out["state"], out["data"], out["manifest"]
 
     def wait(self) -> None:
@@ -128,10 +208,11 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None) -> tuple[M
         # Restore onto this process's first device, whatever topology saved it.
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         out = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(fallback_sharding=one)))
+            state=ocp.args.StandardRestore(fallback_sharding=one), manifest=ocp.args.JsonRestore()))
     except Exception as e:
         raise CheckpointError(f"checkpoint {directory / str(step)} cannot be restored: "
                               f"{type(e).__name__}: {e}") from e
     finally:
         mngr.close()
+    verify(out["state"], (out["manifest"] or {}).get("checksums"), directory / str(step))
     return cfg, jax.device_get(out["state"]["params"]), step

@@ -376,6 +376,11 @@ class StepLog:
             for rec in self.pending:
                 rec = dict(rec, loss=float(rec["loss"]))
                 f.write(json.dumps(rec) + "\n")
+                if not np.isfinite(rec["loss"]):
+                    self.pending = []
+                    raise FinetuneError(
+                        f"step {rec['step']}: the training loss is {rec['loss']}; stopping (lower "
+                        "--learning_rate?). Only params that scored a finite evaluation were kept in best/")
         self.last, self.pending = rec, []
 
 

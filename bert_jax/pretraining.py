@@ -240,9 +240,9 @@ def run(o: PretrainOptions) -> dict:
     abstract, state_sh = train.state_shardings(cfg, tx, o.max_seq_length, mesh)
     batch_sh = lambda ndim: sharding.data_sharding(mesh, ndim)
     ckpt = ckpt_lib.Checkpointer(workdir, o.keep_checkpoints, o.async_checkpoint)
-    start = ckpt.latest_step()
-    if start is not None:
-        state, data_state, saved_manifest = ckpt.restore(start, abstract, state_sh)
+    restored = ckpt.restore_latest(abstract, state_sh)
+    if restored is not None:
+        start, state, data_state, saved_manifest = restored
         check_resume(o, saved_manifest, tok, ckpt.dir / str(start))
         logging.info("resuming from %s at step %d", ckpt.dir / str(start), start)
     else:
@@ -272,64 +272,67 @@ def run(o: PretrainOptions) -> dict:
     t_last, tokens_since = time.perf_counter(), 0.0
     acc: dict[str, float] = {}
     n_acc = 0
-    with _Stop() as stop, jax.set_mesh(mesh):
-        step = start
-        while step < o.train_steps:
-            batch, data_state_now = next(prefetch)
-            state, m = step_fn(state, batch)
-            step += 1
-            m = jax.device_get(m)
-            for k, v in m.items():
-                acc[k] = acc.get(k, 0.0) + float(v)
-            n_acc += 1
-            tokens_since += float(m["real_tokens"])
-            if int(state.nonfinite_streak) >= o.max_nonfinite_streak:
-                raise PretrainError(
-                    f"step {step}: {o.max_nonfinite_streak} non-finite losses/gradients in a row; "
-                    f"stopping. Last good checkpoint: {ckpt.dir / str(last_saved) if last_saved else 'none'}")
-            if not m["finite"]:
-                logging.warning("step %d: non-finite loss or gradient, update skipped", step)
-            if step % o.log_every == 0 or step == o.train_steps:
-                now = time.perf_counter()
-                rec = dict(step=step, loss=acc["loss"] / n_acc, learning_rate=float(lr_fn(step)),
-                           tokens_per_s=tokens_since / (now - t_last),
-                           nonfinite_total=int(state.nonfinite_total), **train.summarize(acc))
-                if chief:
-                    _write_jsonl(metrics_path, rec)
-                if writer:
-                    for k, v in rec.items():
-                        if k != "step":
-                            writer.add_scalar(f"train/{k}", v, step)
+    try:
+        with _Stop() as stop, jax.set_mesh(mesh):
+            step = start
+            while step < o.train_steps:
+                batch, data_state_now = next(prefetch)
+                state, m = step_fn(state, batch)
+                step += 1
+                m = jax.device_get(m)
+                for k, v in m.items():
+                    acc[k] = acc.get(k, 0.0) + float(v)
+                n_acc += 1
+                tokens_since += float(m["real_tokens"])
+                if int(state.nonfinite_streak) >= o.max_nonfinite_streak:
+                    raise PretrainError(
+                        f"step {step}: {o.max_nonfinite_streak} non-finite losses, gradients or updated params in a row "
+                        f"(updates skipped, nothing non-finite saved); "
+                        f"stopping. Last good checkpoint: {ckpt.dir / str(last_saved) if last_saved else 'none'}")
+                if not m["finite"]:
+                    logging.warning("step %d: non-finite loss, gradient or updated params; update skipped", step)
+                if step % o.log_every == 0 or step == o.train_steps:
+                    now = time.perf_counter()
+                    rec = dict(step=step, loss=acc["loss"] / n_acc, learning_rate=float(lr_fn(step)),
+                               tokens_per_s=tokens_since / (now - t_last),
+                               nonfinite_total=int(state.nonfinite_total), **train.summarize(acc))
+                    if chief:
+                        _write_jsonl(metrics_path, rec)
+                    if writer:
+                        for k, v in rec.items():
+                            if k != "step":
+                                writer.add_scalar(f"train/{k}", v, step)
+                    if bar:
+                        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['learning_rate']:.2e}",
+                                        tok_s=f"{rec['tokens_per_s']:.0f}")
+                    acc, n_acc, t_last, tokens_since = {}, 0, now, 0.0
                 if bar:
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['learning_rate']:.2e}",
-                                    tok_s=f"{rec['tokens_per_s']:.0f}")
-                acc, n_acc, t_last, tokens_since = {}, 0, now, 0.0
-            if bar:
-                bar.update(1)
-            if held and (step % o.eval_every == 0 or step == o.train_steps):
-                ev = evaluate(eval_fn, state.params, held, o.eval_batches, batch_sh)
-                summary["heldout"] = ev
-                if chief:
-                    _write_jsonl(metrics_path, dict(step=step, **{f"heldout_{k}": v for k, v in ev.items()}))
-                if writer:
-                    for k, v in ev.items():
-                        writer.add_scalar(f"heldout/{k}", v, step)
-                logging.info("step %d held-out %s", step, ev)
-            if o.stop_at_step is not None and step >= o.stop_at_step:
-                stop.requested = True
-            if step % o.checkpoint_every == 0 or step == o.train_steps or stop.requested:
-                ckpt.save(step, state, data_state_now, manifest, force=stop.requested)
-                last_saved = step
-            if stop.requested:
-                break
-        if held and "heldout" not in summary:  # nothing left to train: still report
-            summary["heldout"] = evaluate(eval_fn, state.params, held, o.eval_batches, batch_sh)
-    prefetch.close()
-    ckpt.close()
-    if bar:
-        bar.close()
-    if writer:
-        writer.close()
+                    bar.update(1)
+                if held and (step % o.eval_every == 0 or step == o.train_steps):
+                    ev = evaluate(eval_fn, state.params, held, o.eval_batches, batch_sh)
+                    summary["heldout"] = ev
+                    if chief:
+                        _write_jsonl(metrics_path, dict(step=step, **{f"heldout_{k}": v for k, v in ev.items()}))
+                    if writer:
+                        for k, v in ev.items():
+                            writer.add_scalar(f"heldout/{k}", v, step)
+                    logging.info("step %d held-out %s", step, ev)
+                if o.stop_at_step is not None and step >= o.stop_at_step:
+                    stop.requested = True
+                if step % o.checkpoint_every == 0 or step == o.train_steps or stop.requested:
+                    ckpt.save(step, state, data_state_now, manifest, force=stop.requested)
+                    last_saved = step
+                if stop.requested:
+                    break
+            if held and "heldout" not in summary:  # nothing left to train: still report
+                summary["heldout"] = evaluate(eval_fn, state.params, held, o.eval_batches, batch_sh)
+    finally:  # also on an error: in-flight checkpoint saves finish, threads stop
+        prefetch.close()
+        ckpt.close()
+        if bar:
+            bar.close()
+        if writer:
+            writer.close()
     summary.update(step=step, workdir=str(workdir), checkpoint=str(ckpt.dir / str(last_saved)),
                    metrics=str(metrics_path), stopped_early=stop.requested)
     return summary

@@ -4,8 +4,8 @@ The state is created already sharded: `jax.eval_shape` of the init gives the log
 names, `sharding.mesh_shardings` turns them into NamedShardings, and the init is jitted
 with those as out_shardings. The step is jitted with explicit in/out shardings and donates
 the old state. Gradient accumulation scans over microbatches inside the step. A step
-whose loss or gradients are not finite leaves params and optimizer state unchanged and
-is counted. Microbatch losses are sums divided by the whole batch's counts, so
+whose loss, gradients or updated params are not finite leaves params and optimizer state
+unchanged and is counted. Microbatch losses are sums divided by the whole batch's counts, so
 accumulation gives the big batch's loss and gradient exactly.
 """
 
@@ -141,9 +141,12 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, grad_acc
         (grads, metrics), _ = jax.lax.scan(micro, (zeros_g, zeros_m),
                                            (micro_batches, jnp.arange(grad_accum)))
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
+        # What is applied is checked, not only its inputs: a finite gradient can still give
+        # a non-finite update (e.g. Adam with eps=0 on a row whose gradient is 0).
+        params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_params)]))
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & params_finite
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         skipped = (~finite).astype(jnp.int32)
         new_state = state.replace(

@@ -218,22 +218,91 @@ def test_tokenizer_larger_than_model_vocab(tmp_path):
         pretraining.run(options(tmp_path, "--vocab_size=100"))
 
 
-def test_other_architecture_and_corrupt_checkpoint(reference, tmp_path):
+def test_other_architecture_is_named(reference, tmp_path):
     import shutil
     wd = tmp_path / "wd"
     shutil.copytree(reference, wd)
     before = sorted(str(p.relative_to(wd)) for p in wd.rglob("*"))
     with pytest.raises(checkpoint.CheckpointError, match="another architecture .*hidden_size: checkpoint 32 vs flags 48"):
         pretraining.run(options(wd, "--hidden_size=48"))
-    # Corrupt the latest checkpoint's array data.
-    step_dir = wd / "checkpoints" / "8" / "state"
-    victims = [p for p in step_dir.rglob("*") if p.is_file() and p.stat().st_size > 1000]
-    for v in victims:
-        v.write_bytes(b"\0" * 64)
-    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint .*checkpoints/8 cannot be restored"):
-        pretraining.run(options(wd, "--train_steps=12"))
-    after = sorted(str(p.relative_to(wd)) for p in wd.rglob("*"))
-    assert set(before) <= set(after)  # nothing already written was removed
+    assert sorted(str(p.relative_to(wd)) for p in wd.rglob("*")) == before
+
+
+def _array_files(step_dir):
+    return [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+
+
+def _largest_array_file(step_dir):
+    return max(_array_files(step_dir), key=lambda p: p.stat().st_size)
+
+
+def _flip(step_dir, f=None):
+    f = f or _largest_array_file(step_dir)
+    data = bytearray(f.read_bytes())
+    mid = len(data) // 2
+    for i in range(mid, min(mid + 1000, len(data))):
+        data[i] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def _truncate(step_dir):
+    f = _largest_array_file(step_dir)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+FAULTS = {"flip_bytes": _flip, "truncate": _truncate,
+          "delete_array_file": lambda d: _largest_array_file(d).unlink(),
+          "delete_metadata": lambda d: (d / "state" / "_METADATA").unlink()}
+
+
+@pytest.fixture(scope="module")
+def three_checkpoints(tmp_path_factory):
+    """A straight 8-step run keeping checkpoints 4, 6 and 8."""
+    wd = tmp_path_factory.mktemp("three")
+    pretraining.run(options(wd, "--log_every=1", "--checkpoint_every=2", "--keep_checkpoints=3"))
+    return wd
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_corrupt_latest_checkpoint_falls_back_to_a_verified_one(three_checkpoints, tmp_path, fault, caplog):
+    """Each fault in the latest checkpoint: the rerun resumes from the newest checkpoint
+    that verifies (saying so), trains the straight run's losses, keeps the corrupt one
+    aside and deletes no verified checkpoint."""
+    import shutil
+    wd = tmp_path / "wd"
+    shutil.copytree(three_checkpoints, wd)
+    FAULTS[fault](wd / "checkpoints" / "8")
+    s = pretraining.run(options(wd, "--log_every=1", "--checkpoint_every=2", "--keep_checkpoints=3"))
+    assert s["step"] == 8
+    assert "checkpoints.corrupt" in caplog.text and "resuming from the verified checkpoint 6" in caplog.text
+    assert (wd / "checkpoints.corrupt" / "8").is_dir()
+    assert {p.name for p in (wd / "checkpoints").iterdir() if p.name.isdigit()} == {"4", "6", "8"}
+    assert losses(wd) == losses(three_checkpoints)
+    _, p_ref, _ = checkpoint.load_params(three_checkpoints)
+    _, p_got, _ = checkpoint.load_params(wd)
+    assert_same_params(p_got, p_ref)
+
+
+def test_every_checkpoint_corrupt_refuses_and_keeps_them(three_checkpoints, tmp_path):
+    import shutil
+    wd = tmp_path / "wd"
+    shutil.copytree(three_checkpoints, wd)
+    for step in (4, 6, 8):  # every array file: ocdbt files may hold regions no read touches
+        for f in _array_files(wd / "checkpoints" / str(step)):
+            _flip(wd / "checkpoints" / str(step), f)
+    before = sorted(str(p.relative_to(wd)) for p in wd.rglob("*"))
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in .* can be restored"):
+        pretraining.run(options(wd, "--log_every=1", "--checkpoint_every=2", "--keep_checkpoints=3"))
+    assert sorted(str(p.relative_to(wd)) for p in wd.rglob("*")) == before
+
+
+def test_nonfinite_updates_stop_the_run_and_are_never_saved(tmp_path):
+    """--adam_eps=0 makes Adam divide 0 by 0 on embedding rows with no gradient: finite
+    loss and gradients, non-finite update. The run stops with an error naming the step;
+    the checkpoint it saved before holds finite params."""
+    with pytest.raises(pretraining.PretrainError, match=r"step 3: 3 non-finite .*Last good checkpoint: .*checkpoints/2"):
+        pretraining.run(options(tmp_path, "--adam_eps=0", "--max_nonfinite_streak=3", "--checkpoint_every=2",
+                                "--warmup_steps=1", "--log_every=1"))
 
 
 def test_bench_counts_flops_and_times_real_steps(tmp_path):
