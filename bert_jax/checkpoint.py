@@ -50,6 +50,12 @@ def git_revision() -> str | None:
         return None
 
 
+def has_checkpoint(workdir: pathlib.Path) -> bool:
+    """Whether <workdir>/checkpoints holds a finished (or in-progress) step folder."""
+    d = workdir / "checkpoints"
+    return d.is_dir() and any(p.name.split(".")[0].isdigit() for p in d.iterdir())
+
+
 def write_config(workdir: pathlib.Path, cfg: ModelConfig) -> None:
     (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import shutil
 import signal
 import time
 from typing import Any
@@ -147,7 +148,12 @@ def _prepare_tokenizer(o: PretrainOptions, workdir: pathlib.Path) -> tuple[Token
     (WordPiece unless the variant's family says otherwise) when no folder is given."""
     dest = workdir / "tokenizer"
     if dest.exists() and any(dest.iterdir()):
-        return Tokenizer.load(dest), dest
+        if ckpt_lib.has_checkpoint(workdir):  # the tokenizer its checkpoints were trained with
+            return Tokenizer.load(dest), dest  # (check_resume compares flags and fingerprint)
+        # No checkpoint used it: a left-over of a run that failed before its first save,
+        # possibly built from other flags or a bad corpus. Build it again from these flags.
+        logging.warning("%s has no checkpoint yet: rebuilding its tokenizer from the flags", workdir)
+        shutil.rmtree(dest)
     if o.tokenizer:
         copy_tokenizer_files(o.tokenizer, dest)
         return Tokenizer.load(dest), dest

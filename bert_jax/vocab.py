@@ -28,6 +28,9 @@ def train(kind: str, corpus_glob: str | Sequence[str], vocab_size: int, out: str
           lowercase: bool = True, extra_special_tokens: Sequence[str] = ()) -> Tokenizer:
     """Train a tokenizer of `kind` and write it to `out` (replaced only on success)."""
     files = corpus.expand(corpus_glob)
+    if next(iter(_lines(files)), None) is None:
+        raise TokenizerError(f"{', '.join(map(str, files[:3]))}{' ...' if len(files) > 3 else ''}: "
+                             "the corpus has no text to learn a vocabulary from (blank lines only); nothing written")
     if kind == "wordpiece":
         tok = _train_wordpiece(files, vocab_size, lowercase)
     elif kind == "bpe":
@@ -39,6 +42,7 @@ def train(kind: str, corpus_glob: str | Sequence[str], vocab_size: int, out: str
         raise TokenizerError(f"--kind={kind!r}: must be wordpiece, bpe or sentencepiece")
     tokenizer = Tokenizer(tok, kind, lowercase, extra_special_tokens,
                           spiece if kind == "sentencepiece" else None)
+
     # Write beside `out`, then move into place: a failed run leaves no partial folder.
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -201,6 +201,37 @@ def test_resume_checks_the_run_record(tmp_path):
     assert s["step"] == 8
 
 
+def _options_trained_tokenizer(workdir, *extra):
+    """Like options(), but the tokenizer is trained into the workdir (no --tokenizer)."""
+    fv = absl_flags.FlagValues()
+    flags.define_pretrain_flags(fv)
+    fv([sys.argv[0], f"--flagfile={TINY}", f"--workdir={workdir}", "--train_steps=2", "--checkpoint_every=2",
+        *extra])
+    os.chdir(REPO)
+    return flags.pretrain_options(None, fv)
+
+
+def test_a_failed_run_leaves_no_stale_tokenizer(tmp_path):
+    """A first run on a corpus of blank lines fails naming it and writes no tokenizer; the
+    next run with a good corpus builds a real one (before: it trained on the 5-token
+    left-over and reported held-out accuracy 1.0). Changing --tokenizer_vocab_size once a
+    checkpoint exists is refused by name instead of being ignored."""
+    from bert_jax.tokenizer import Tokenizer, TokenizerError
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n   \n\n")
+    wd = tmp_path / "wd"
+    with pytest.raises(TokenizerError, match="blank.txt: the corpus has no text"):
+        pretraining.run(_options_trained_tokenizer(wd, f"--corpus={blank}"))
+    assert not (wd / "tokenizer").exists() or not any((wd / "tokenizer").iterdir())
+    (wd / "tokenizer").mkdir(exist_ok=True)  # and a left-over from a run killed before its first save
+    Tokenizer.load(TOKENIZER).save(wd / "tokenizer")
+    s = pretraining.run(_options_trained_tokenizer(wd, "--tokenizer_vocab_size=300"))
+    assert Tokenizer.load(wd / "tokenizer").vocab_size == 300 and s["heldout"]["mlm_accuracy"] < 0.5
+    with pytest.raises(pretraining.PretrainError, match="--tokenizer_vocab_size: checkpoint 300, now 400"):
+        pretraining.run(_options_trained_tokenizer(wd, "--tokenizer_vocab_size=400"))
+    assert Tokenizer.load(wd / "tokenizer").vocab_size == 300
+
+
 def test_misspelled_flag_is_named():
     res = subprocess.run([sys.executable, "-m", "bert_jax.pretrain", f"--flagfile={TINY}",
                           "--workdir=/tmp/x", "--learning_rat=1e-3"], cwd=REPO,
