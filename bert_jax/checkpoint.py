@@ -50,6 +50,48 @@ def git_revision() -> str | None:
         return None
 
 
+class WorkdirLock:
+    """An exclusive lock on a workdir for one job, held by process 0 (the process that
+    writes its files) from start to end: a second job on the same workdir fails at once
+    with an error naming the holder. The kernel drops the lock when its process dies, so a
+    killed run never leaves a stale lock behind."""
+
+    def __init__(self, workdir: pathlib.Path, job: str):
+        self.path, self.job, self._f = pathlib.Path(workdir) / ".lock", job, None
+
+    def __enter__(self):
+        import fcntl
+        import os
+        import socket
+        if jax.process_index() != 0:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise CheckpointError(f"--workdir={self.path.parent} is in use by {holder}; wait for it to "
+                                  "finish, or use another --workdir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{self.job} (pid {os.getpid()} on {socket.gethostname()}, since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        f.flush()
+        self._f = f
+        return self
+
+    def __exit__(self, *exc):
+        if self._f is not None:
+            import fcntl
+            fcntl.flock(self._f, fcntl.LOCK_UN)
+            self._f.close()
+            self._f = None
+        return False
+
+
 def has_checkpoint(workdir: pathlib.Path) -> bool:
     """Whether <workdir>/checkpoints holds a finished (or in-progress) step folder."""
     d = workdir / "checkpoints"

@@ -28,7 +28,7 @@ import optax
 from absl import logging
 from flax import linen as nn
 
-from bert_jax import convert, metrics, optim, rename, tagging
+from bert_jax import checkpoint, convert, metrics, optim, rename, tagging
 from bert_jax.data import squad, tasks
 from bert_jax.heads import build_model, init_params
 from bert_jax.tokenizer import Tokenizer, pad_batch
@@ -183,6 +183,20 @@ class Finetuner:
                               end_positions=feats.end_positions)
 
     def run(self) -> dict:
+        """Fine-tune and evaluate in o.workdir, holding its lock. A workdir of a finished
+        run with the same options returns that run's results; one of another run is
+        refused (_plan)."""
+        wd = pathlib.Path(self.o.workdir)
+        wd.mkdir(parents=True, exist_ok=True)
+        with checkpoint.WorkdirLock(wd, "finetune"):
+            done = wd / "results.json"
+            if done.exists() and (wd / RUN_RECORD).exists() and \
+                    json.loads((wd / RUN_RECORD).read_text()) == run_record(self.o):
+                logging.info("%s already holds this run's results", wd)
+                return json.loads(done.read_text())
+            return self._run()
+
+    def _run(self) -> dict:
         o = self.o
         wd, n, warmup, total = self._plan()
         ocfg = optim.OptimConfig("adamw", o.learning_rate, warmup, total,
@@ -243,6 +257,7 @@ class Finetuner:
         o = self.o
         wd = pathlib.Path(o.workdir)
         wd.mkdir(parents=True, exist_ok=True)
+        check_workdir(wd, o)
         n = len(self.train["input_ids"])
         total = max(int(round(o.epochs * max(n // o.batch_size, 1))), 1)
         return wd, n, int(o.warmup_proportion * total), total
@@ -322,6 +337,39 @@ class Finetuner:
             (folder / f"{name}.predictions.conll").write_text("\n".join(lines))
         else:
             (folder / f"{name}.predictions.tsv").write_text("prediction\n" + "\n".join(map(str, preds)) + "\n")
+
+
+RUN_RECORD = "run.json"
+RUN_OUTPUTS = ("metrics.jsonl", "results.json", "eval", "best", "best.tmp")
+
+
+def run_record(o: FinetuneOptions) -> dict:
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(o).items() if k != "workdir"}))
+
+
+def check_workdir(wd: pathlib.Path, o: FinetuneOptions) -> None:
+    """A workdir holds one run. One of another run (other options) is refused, naming the
+    options that differ; an unfinished one of this run starts over cleanly (its partial
+    outputs are removed, so metrics.jsonl never mixes two runs)."""
+    record = wd / RUN_RECORD
+    new = run_record(o)
+    if record.exists():
+        old = json.loads(record.read_text())
+        diff = [f"--{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)]
+        if diff:
+            raise FinetuneError(f"--workdir={wd} holds another fine-tuning run ({'; '.join(diff)}); "
+                                "use a new --workdir")
+    elif any((wd / name).exists() for name in RUN_OUTPUTS):
+        raise FinetuneError(f"--workdir={wd} holds outputs of a run with no record ({RUN_RECORD}); "
+                            "use a new --workdir")
+    for name in RUN_OUTPUTS:
+        path = wd / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    record.write_text(json.dumps(new, indent=1))
 
 
 def load_backbone(fresh: dict, source: dict, where: str) -> dict:

@@ -230,8 +230,14 @@ def evaluate(eval_step, params, source: loader.PretrainSource, n_batches: int, b
 
 
 def run(o: PretrainOptions) -> dict:
+    """Pretrain (or resume) in o.workdir, holding the workdir's lock throughout."""
     workdir = pathlib.Path(o.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with ckpt_lib.WorkdirLock(workdir, "pretrain"):
+        return _run(o, workdir)
+
+
+def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     tok, tok_dir = prepare_tokenizer(o, workdir)
     cfg = model_config(o, tok)
     ckpt_lib.check_same_architecture(workdir, cfg)

@@ -200,3 +200,27 @@ def test_roberta_and_albert_fine_tune_end_to_end(family, shared_data, tmp_path):
     assert s["eval"]["train"]["accuracy"] >= 0.95, s
     best_cfg, task, _, _ = convert.load(tmp_path / "wd/best")
     assert best_cfg.family == family and task == "sequence_classification"
+
+
+def test_one_run_per_workdir(shared_data, tiny_checkpoint, tmp_path):
+    """A workdir in use is refused naming its holder; a workdir of another run (other
+    options) is refused naming the options; the same run again returns its results, and
+    an unfinished one starts over without mixing two runs in metrics.jsonl."""
+    from bert_jax import checkpoint
+    train = head(shared_data / "classification/sst2/train.tsv", 16, tmp_path, "sst2.tsv")
+    s = run(tiny_checkpoint, tmp_path, "classification", train, epochs=1)
+    wd = tmp_path / "wd"
+    with checkpoint.WorkdirLock(wd, "finetune"):
+        with pytest.raises(checkpoint.CheckpointError, match=r"in use by finetune \(pid \d+ on "):
+            run(tiny_checkpoint, tmp_path, "classification", train, epochs=1)
+    with pytest.raises(FinetuneError, match="holds another fine-tuning run .*--learning_rate: 0.003 there, 0.001 now"):
+        Finetuner(FinetuneOptions(task="classification", init_checkpoint=str(tiny_checkpoint), train_file=str(train),
+                                  workdir=str(wd), eval_files=(("train", str(train)),), batch_size=16,
+                                  learning_rate=1e-3, epochs=1, warmup_proportion=0.05, dropout=0.0,
+                                  max_seq_length=64)).run()
+    lines = (wd / "metrics.jsonl").read_text()
+    assert run(tiny_checkpoint, tmp_path, "classification", train, epochs=1) == s
+    (wd / "results.json").unlink()  # as if killed before the end
+    assert run(tiny_checkpoint, tmp_path, "classification", train, epochs=1)["eval"] == s["eval"]
+    assert (wd / "metrics.jsonl").read_text() == lines
+

@@ -232,6 +232,14 @@ def test_a_failed_run_leaves_no_stale_tokenizer(tmp_path):
     assert Tokenizer.load(wd / "tokenizer").vocab_size == 300
 
 
+def test_pretrain_workdir_in_use_is_refused(tmp_path):
+    with checkpoint.WorkdirLock(tmp_path, "pretrain"):
+        o = pretraining.PretrainOptions(workdir=str(tmp_path), corpus="unused.txt")
+        with pytest.raises(checkpoint.CheckpointError, match=r"is in use by pretrain \(pid"):
+            pretraining.run(o)
+    assert not (tmp_path / "tokenizer").exists()
+
+
 def test_misspelled_flag_is_named():
     res = subprocess.run([sys.executable, "-m", "bert_jax.pretrain", f"--flagfile={TINY}",
                           "--workdir=/tmp/x", "--learning_rat=1e-3"], cwd=REPO,
