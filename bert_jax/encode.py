@@ -18,6 +18,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from bert_jax.tokenizer import Tokenizer, pad_batch
 
@@ -38,10 +39,14 @@ def read_inputs(path: str | pathlib.Path) -> tuple[list[str], list[str] | None]:
                 continue
             try:
                 r = json.loads(line)
-                texts.append(r["text"])
-                pairs.append(r.get("text_pair"))
+                text, pair = r["text"], r.get("text_pair")
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise EncodeError(f"{path}:{i}: expected a JSON object with a 'text' field ({e})") from None
+            for name, value in (("text", text), ("text_pair", pair)):
+                if not isinstance(value, str) and not (name == "text_pair" and value is None):
+                    raise EncodeError(f"{path}:{i}: '{name}' must be a string, not {json.dumps(value)}")
+            texts.append(text)
+            pairs.append(pair)
         else:
             a, _, b = line.partition("\t")
             texts.append(a)
@@ -61,6 +66,10 @@ def encode(folder: str | pathlib.Path, texts: list[str], pairs: list[str] | None
     tok = Tokenizer.load(tok_dir)
     cfg.check_sequence_length(max_length, "--max_length")
     encs = _encode_mixed(tok, texts, pairs, max_length)
+    truncated = [i for i, e in enumerate(encs) if e.truncated]
+    if truncated:
+        logging.warning("%d of %d input(s) are longer than --max_length=%d tokens and were truncated "
+                        "(first: input %d)", len(truncated), len(encs), max_length, truncated[0] + 1)
     has_pooler = "pooler" in params["backbone"]
     model = Backbone(cfg, add_pooler=has_pooler)
     apply = jax.jit(lambda p, i, t, m: model.apply({"params": p}, i, t, m))
@@ -113,9 +122,12 @@ def main(argv):
     o = flags.encode_options(argv)
     texts, pairs = read_inputs(o.input)
     feats = encode(o.checkpoint, texts, pairs, o.max_length, o.batch_size)
-    pathlib.Path(o.output).parent.mkdir(parents=True, exist_ok=True)
-    np.savez(o.output, **feats)
-    print(f"encode: {len(texts)} texts -> {o.output} ({', '.join(sorted(feats))})")
+    out = pathlib.Path(o.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as f:  # exactly this path (np.savez would add .npz to a name)
+        np.savez(f, **feats)
+    print(f"encode: {len(texts)} texts -> {out} ({', '.join(sorted(feats))}; "
+          f"{feats['input_ids'].shape[1]} tokens per row, the longest input)")
 
 
 if __name__ == "__main__":

@@ -136,11 +136,17 @@ class Finetuner:
         if o.best_metric is not None and o.best_metric not in METRICS[o.task]:
             raise FinetuneError(f"--best_metric={o.best_metric!r}: {o.task} reports {METRICS[o.task]}")
         self.o = o
+        if not pathlib.Path(o.init_checkpoint).is_dir():
+            raise FinetuneError(f"--init_checkpoint={o.init_checkpoint}: no such folder")
+        for name, path in [("--train_file", o.train_file)] + [(f"--eval_files={n}", p) for n, p in o.eval_files]:
+            if not pathlib.Path(path).is_file():
+                raise FinetuneError(f"{name}={path}: no such file")
         src_cfg, _, src_params, tok_dir = convert.load(o.init_checkpoint)
         if tok_dir is None:
             raise FinetuneError(f"--init_checkpoint={o.init_checkpoint} carries no tokenizer")
         self.tok_dir, self.tok = tok_dir, Tokenizer.load(tok_dir)
         self._read_train()
+        self._check_train()
         changes = dict(num_labels=self.num_labels, dtype=o.dtype)
         if o.dropout is not None:
             changes.update(hidden_dropout_prob=o.dropout, attention_probs_dropout_prob=o.dropout)
@@ -181,6 +187,11 @@ class Finetuner:
             self.train = dict(input_ids=feats.input_ids, token_type_ids=feats.token_type_ids,
                               attention_mask=feats.attention_mask, start_positions=feats.start_positions,
                               end_positions=feats.end_positions)
+
+    def _check_train(self):
+        if len(self.train["input_ids"]) == 0:
+            raise FinetuneError(f"--train_file={self.o.train_file}: no usable training example "
+                                "(every one was skipped; the log says why)")
 
     def run(self) -> dict:
         """Fine-tune and evaluate in o.workdir, holding its lock. A workdir of a finished

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import shutil
 import signal
@@ -237,11 +238,27 @@ def run(o: PretrainOptions) -> dict:
         return _run(o, workdir)
 
 
+def check_batch(o: PretrainOptions, mesh) -> None:
+    """The global batch splits into --grad_accum microbatches, each split over the
+    data-parallel devices (data x fsdp) and over the processes: checked before any
+    tokenizer or cache is built."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = o.batch_size // o.grad_accum
+    if o.batch_size % o.grad_accum or micro % shards or micro % jax.process_count():
+        raise ConfigError(
+            f"--batch_size={o.batch_size} with --grad_accum={o.grad_accum} gives microbatches of "
+            f"{o.batch_size / o.grad_accum:g} rows, which must divide evenly over the {shards} data-parallel "
+            f"devices (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}, tensor={mesh.shape['tensor']}) "
+            f"and the {jax.process_count()} process(es): use a --batch_size that is a multiple of "
+            f"{o.grad_accum * math.lcm(shards, jax.process_count())}")
+
+
 def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
+    mesh = sharding.make_mesh(o.mesh_data, o.mesh_fsdp, o.mesh_tensor)
+    check_batch(o, mesh)
     tok, tok_dir = prepare_tokenizer(o, workdir)
     cfg = model_config(o, tok)
     ckpt_lib.check_same_architecture(workdir, cfg)
-    mesh = sharding.make_mesh(o.mesh_data, o.mesh_fsdp, o.mesh_tensor)
     cache_dir = pathlib.Path(o.cache_dir) if o.cache_dir else workdir / "cache"
     src = make_source(o, cfg, tok, tok_dir, o.corpus, o.seed, cache_dir, "--corpus")
     held = (make_source(o, cfg, tok, tok_dir, o.heldout_corpus, 12345, cache_dir, "--heldout_corpus")

@@ -70,6 +70,7 @@ class Encoding:
     word_ids: list[int | None]
     sequence_ids: list[int | None]
     offsets: list[tuple[int, int]]
+    truncated: bool = False     # max_length cut tokens off
 
     def __len__(self):
         return len(self.input_ids)
@@ -258,7 +259,8 @@ def _to_encoding(e, special_ids) -> Encoding:
     return Encoding(input_ids=list(e.ids), token_type_ids=list(e.type_ids),
                     attention_mask=list(e.attention_mask),
                     special_tokens_mask=special, word_ids=list(e.word_ids),
-                    sequence_ids=list(e.sequence_ids), offsets=[tuple(o) for o in e.offsets])
+                    sequence_ids=list(e.sequence_ids), offsets=[tuple(o) for o in e.offsets],
+                    truncated=bool(e.overflowing))
 
 
 # --------------------------------------------------------------------------------------

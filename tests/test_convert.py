@@ -1,6 +1,8 @@
 """Checkpoint interoperability with Hugging Face, and the encode job."""
 
 import json
+import pathlib
+import re
 import shutil
 
 import jax.numpy as jnp
@@ -123,6 +125,31 @@ def test_encode_reads_txt_pairs_and_jsonl_with_tabs(tmp_path):
     bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
     with pytest.raises(encode.EncodeError, match=r"b.jsonl:2"):
         encode.read_inputs(bad)
+    for value in ("null", "3", '["a"]'):
+        bad.write_text('{"text": "ok"}\n\n{"text": ' + value + '}\n')
+        with pytest.raises(encode.EncodeError, match=r"b.jsonl:3: 'text' must be a string, not " + re.escape(value)):
+            encode.read_inputs(bad)
+    bad.write_text('{"text": "ok", "text_pair": 7}\n')
+    with pytest.raises(encode.EncodeError, match=r"b.jsonl:1: 'text_pair' must be a string, not 7"):
+        encode.read_inputs(bad)
+
+
+def test_encode_reports_truncation_and_writes_the_path_given(tmp_path, minilm_dir):
+    """A 100k-character input is cut to --max_length and the job says how many were; rows
+    are padded to the longest kept input only; the output goes to exactly --output."""
+    import subprocess
+    import sys
+    texts = tmp_path / "in.txt"
+    texts.write_text("a short one\n" + "word " * 20_000 + "\nanother short text\n")
+    out = tmp_path / "features.out"
+    res = subprocess.run([sys.executable, "-m", "bert_jax.encode", f"--checkpoint={minilm_dir}",
+                          f"--input={texts}", f"--output={out}", "--max_length=64"],
+                         capture_output=True, text=True, env=dict(__import__("os").environ, JAX_PLATFORMS="cpu"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "1 of 3 input(s) are longer than --max_length=64 tokens and were truncated (first: input 2)" in res.stderr
+    assert f"-> {out} (" in res.stdout and out.exists() and not pathlib.Path(f"{out}.npz").exists()
+    z = np.load(out)
+    assert z["input_ids"].shape == (3, 64) and z["attention_mask"].sum(1).tolist()[1] == 64
 
 
 def test_tiny_pretraining_export_gives_same_mlm_logits(tmp_path):

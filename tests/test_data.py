@@ -195,9 +195,9 @@ def test_cache_is_reused(tok_dir, tmp_path, monkeypatch):
 def test_sentence_splitter_is_a_real_one(tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("Mr. Smith paid $3.50 for it. Dr. Watson agreed!\nIt was late.\n\nNew paragraph here.")
-    assert cache.split_documents(f, "file") == [
+    assert list(cache.split_documents(f, "file")) == [
         ["Mr. Smith paid $3.50 for it.", "Dr. Watson agreed!", "It was late.", "New paragraph here."]]
-    assert len(cache.split_documents(f, "blank_line")) == 2
+    assert len(list(cache.split_documents(f, "blank_line"))) == 2
 
 
 def synthetic_corpus(n_docs, seed=0):
@@ -307,3 +307,54 @@ def test_sparse_mlm_head_equals_full_vocabulary_logits_at_masked_positions():
         sparse = model.apply({"params": params}, ids, types, mask, pos)["mlm_logits"]
         np.testing.assert_allclose(sparse, np.take_along_axis(np.asarray(full), pos[..., None], 1),
                                    rtol=1e-5, atol=1e-5)
+
+
+def _one_line_file(path, n_chars, seed=0):
+    """A file of one line of real words (the bundled books' vocabulary), no newline."""
+    words = " ".join(p.read_text() for p in TRAIN[:2]).split()
+    rng = np.random.default_rng(seed)
+    text = " ".join(words[i] for i in rng.integers(0, len(words), n_chars // 5))[:n_chars]
+    path.write_text(text)
+    return text
+
+
+def test_one_long_line_is_cut_and_reported(tmp_path, tok_dir, caplog):
+    """A one-line file is streamed in pieces of at most MAX_LINE_CHARS, cut at spaces (no
+    word is split), the cuts counted and reported; vocab training and tokenization take it,
+    and their cost grows linearly with the line (before: 5-12 GB in the vocab trainer,
+    hours in the sentence splitter)."""
+    import logging
+    import time
+    from bert_jax.data import corpus as corpus_lib
+    f = tmp_path / "one_line.txt"
+    text = _one_line_file(f, 300_000)
+    with caplog.at_level(logging.WARNING):
+        pieces = list(corpus_lib.iter_raw_lines(f))
+    assert max(map(len, pieces)) <= corpus_lib.MAX_LINE_CHARS and len(pieces) >= 30
+    assert " ".join(pieces).split() == text.split()
+    assert f"one_line.txt: cut {len(pieces) - 1} over-long line piece(s)" in caplog.text
+    tok = vocab.train("wordpiece", str(f), 600, tmp_path / "wp")
+    c = cache.build([f], tok, tmp_path / "wp", tmp_path / "cache")
+    assert len(c.tokens) == len(tok.tokenize_batch([text])[0][0])
+
+    def seconds(n_chars):
+        g = tmp_path / f"l{n_chars}.txt"
+        _one_line_file(g, n_chars, seed=n_chars)
+        t = time.perf_counter()
+        sum(1 for _ in corpus_lib.iter_lines([g]))
+        c = cache.build([g], Tokenizer.load(tok_dir), tok_dir, tmp_path / f"c{n_chars}")
+        return time.perf_counter() - t, len(c.tokens)
+    (t1, n1), (t4, n4) = seconds(100_000), seconds(400_000)
+    assert n4 > 3.5 * n1 and t4 / n4 < 2.0 * t1 / n1, (t1, n1, t4, n4)
+
+
+def test_binary_file_in_the_corpus_is_refused_by_name(tmp_path, tok_dir):
+    from bert_jax.data.corpus import CorpusError
+    good = TRAIN[0]
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
+    with pytest.raises(CorpusError, match=r"model.bin: \d+ of its first \d+ bytes are not UTF-8 text"):
+        vocab.train("wordpiece", [str(good), str(binary)], 600, tmp_path / "wp")
+    assert not (tmp_path / "wp").exists()
+    with pytest.raises(CorpusError, match="model.bin"):
+        cache.build([good, binary], Tokenizer.load(tok_dir), tok_dir, tmp_path / "cache", workers=1)

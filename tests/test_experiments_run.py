@@ -32,9 +32,16 @@ def spiece(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One corpus cache for every run here: keyed by files + tokenizer, so the runs that
+    share a tokenizer tokenize the books once."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", PRETRAIN_FILES, ids=lambda p: p.stem)
-def test_pretrain_flag_file_runs(path, tmp_path, spiece, shared_data, monkeypatch):
+def test_pretrain_flag_file_runs(path, tmp_path, spiece, cache_dir, shared_data, monkeypatch):
     monkeypatch.chdir(REPO)
     fv = absl_flags.FlagValues()
     flags.define_pretrain_flags(fv)
@@ -43,7 +50,7 @@ def test_pretrain_flag_file_runs(path, tmp_path, spiece, shared_data, monkeypatc
              f"--heldout_corpus={BOOKS}/heldout/carroll-alice.txt", "--eval_every=2", "--eval_batches=1",
              "--batch_size=8", "--log_every=1", "--progress_bar=false",
              # rows of 512 only cost CI time here: 128 keeps every other option of the file
-             "--max_seq_length=128", "--max_predictions_per_seq=20"]
+             "--max_seq_length=128", "--max_predictions_per_seq=20", f"--cache_dir={cache_dir}"]
     fv([sys.argv[0], f"--flagfile={path}", *extra])
     if fv.variant.startswith("albert"):
         assert fv.tokenizer.startswith("/data/")  # a placeholder for the released model

@@ -224,3 +224,23 @@ def test_one_run_per_workdir(shared_data, tiny_checkpoint, tmp_path):
     assert run(tiny_checkpoint, tmp_path, "classification", train, epochs=1)["eval"] == s["eval"]
     assert (wd / "metrics.jsonl").read_text() == lines
 
+
+
+def test_missing_inputs_and_unusable_training_data_are_named(shared_data, tiny_checkpoint, tmp_path):
+    train = head(shared_data / "classification/sst2/train.tsv", 8, tmp_path, "s.tsv")
+    opts = dict(task="classification", init_checkpoint=str(tiny_checkpoint), train_file=str(train),
+                workdir=str(tmp_path / "wd"))
+    with pytest.raises(FinetuneError, match=r"--init_checkpoint=.*/nowhere: no such folder"):
+        Finetuner(FinetuneOptions(**dict(opts, init_checkpoint=str(tmp_path / "nowhere"))))
+    with pytest.raises(FinetuneError, match=r"--eval_files=dev=.*/missing.tsv: no such file"):
+        Finetuner(FinetuneOptions(**opts, eval_files=(("dev", str(tmp_path / "missing.tsv")),)))
+    # SQuAD whose every answer is not at its answer_start: all skipped -> named, not a crash
+    data = json.loads((shared_data / "qa/squad_v1.1_dev_rebuilt_minus_xquad.json").read_text())
+    para = dict(data["data"][0]["paragraphs"][0])
+    para["qas"] = [dict(q, answers=[dict(a, answer_start=a["answer_start"] + 1) for a in q["answers"]])
+                   for q in para["qas"][:5]]
+    bad = tmp_path / "bad_squad.json"
+    bad.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": [para]}]}))
+    with pytest.raises(FinetuneError, match=r"--train_file=.*bad_squad.json: no usable training example"):
+        Finetuner(FinetuneOptions(**dict(opts, task="qa", train_file=str(bad))))
+    assert not (tmp_path / "wd").exists()

@@ -240,6 +240,22 @@ def test_pretrain_workdir_in_use_is_refused(tmp_path):
     assert not (tmp_path / "tokenizer").exists()
 
 
+def test_bad_sizes_are_named_before_any_work(tmp_path):
+    """A batch that does not split over the devices is named with the mesh before the
+    tokenizer or cache is built (before: a JAX IndivisibleError after both); sizes out of
+    range are named by their flag."""
+    with pytest.raises(ConfigError, match=r"--batch_size=6 with --grad_accum=1 .* 8 data-parallel devices"):
+        pretraining.run(options(tmp_path, "--batch_size=6"))
+    with pytest.raises(ConfigError, match=r"--batch_size=16 with --grad_accum=4 gives microbatches of 4 rows"):
+        pretraining.run(options(tmp_path, "--batch_size=16", "--grad_accum=4"))
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "tokenizer").exists()
+    for bad, name in (("--batch_size=0", "batch_size"), ("--max_seq_length=2", "max_seq_length"),
+                      ("--max_predictions_per_seq=0", "max_predictions_per_seq"),
+                      ("--masked_lm_prob=1.5", "masked_lm_prob")):
+        with pytest.raises(absl_flags.IllegalFlagValueError, match=name):
+            options(tmp_path, bad)
+
+
 def test_misspelled_flag_is_named():
     res = subprocess.run([sys.executable, "-m", "bert_jax.pretrain", f"--flagfile={TINY}",
                           "--workdir=/tmp/x", "--learning_rat=1e-3"], cwd=REPO,

@@ -265,5 +265,5 @@ def test_undecodable_bytes_are_replaced_and_counted(tmp_path, caplog):
     f.write_bytes("caf\xe9 au lait\nna\xefve text here\n".encode("latin-1") * 20)
     with caplog.at_level(logging.WARNING):
         tok = vocab_job.train("wordpiece", str(f), 120, tmp_path / "wp")
-    assert "latin1.txt: replaced 40 undecodable" in caplog.text
+    assert "latin1.txt: replaced 40 undecodable byte(s)" in caplog.text
     assert tok.vocab_size <= 120

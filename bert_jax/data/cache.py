@@ -21,9 +21,10 @@ import json
 import multiprocessing
 import os
 import pathlib
+import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from absl import logging
@@ -31,7 +32,7 @@ from absl import logging
 from bert_jax.data import corpus as corpus_lib
 from bert_jax.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: streamed reading, over-long lines cut, blank-ish lines split paragraphs
 
 
 @dataclasses.dataclass
@@ -66,38 +67,69 @@ def fingerprint(files: Sequence[pathlib.Path], tokenizer: Tokenizer, document_bo
     h.update(json.dumps([FORMAT_VERSION, tokenizer.fingerprint(), document_boundary]).encode())
     for f in files:
         h.update(str(f.resolve()).encode())
-        h.update(hashlib.sha256(f.read_bytes()).digest())
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())  # streamed
     return h.hexdigest()[:16]
 
 
-def split_documents(path: pathlib.Path, document_boundary: str) -> list[list[str]]:
+def split_documents(path: pathlib.Path, document_boundary: str) -> Iterator[list[str]]:
     """A file's documents, each a list of sentences (pysbd, a rule-based splitter that
-    handles abbreviations, quotes and decimals), split paragraph by paragraph."""
+    handles abbreviations, quotes and decimals), split paragraph by paragraph; the file is
+    streamed and over-long paragraphs are cut first (corpus.MAX_LINE_CHARS)."""
     import pysbd
     seg = pysbd.Segmenter(language="en", clean=False)
-    text = corpus_lib.read_text(path).replace("\r\n", "\n")
-    paragraphs = [" ".join(l.strip() for l in p.splitlines() if l.strip()) for p in text.split("\n\n")]
-    paragraphs = [p for p in paragraphs if p]
     sentences_of = lambda p: [s.strip() for s in seg.segment(p) if s.strip()]
-    if document_boundary == "blank_line":
-        return [s for s in (sentences_of(p) for p in paragraphs) if s]
-    doc = [s for p in paragraphs for s in sentences_of(p)]
-    return [doc] if doc else []
+    doc: list[str] = []
+    for p in corpus_lib.paragraphs(path):
+        if document_boundary == "blank_line":
+            s = sentences_of(p)
+            if s:
+                yield s
+        else:
+            doc.extend(sentences_of(p))
+    if doc:
+        yield doc
+
+
+_BATCH_SENTENCES = 4096
+_PROGRESS_EVERY_CHARS = 20_000_000
 
 
 def _tokenize_file(args) -> dict[str, np.ndarray]:
+    """One file's tokens, word starts, sentence and document offsets, built in batches of
+    sentences as numpy arrays (memory stays a few bytes per token), with progress on
+    stderr for large files."""
     path, tokenizer_dir, document_boundary = args
     tok = Tokenizer.load(tokenizer_dir)
-    docs = split_documents(pathlib.Path(path), document_boundary)
-    flat = [s for d in docs for s in d]
-    tokens, word_start, sent = [], [], [0]
-    for ids, words in tok.tokenize_batch(flat):
-        tokens.extend(ids)
-        word_start.extend(1 if i == 0 or words[i] != words[i - 1] else 0 for i in range(len(ids)))
-        sent.append(len(tokens))
-    doc_offsets = np.cumsum([0] + [len(d) for d in docs])
-    return dict(tokens=np.asarray(tokens, np.int32), word_start=np.asarray(word_start, np.uint8),
-                sentences=np.asarray(sent, np.int64), documents=doc_offsets.astype(np.int64))
+    tokens, word_start, sent_lens, doc_lens = [], [], [], []
+    pending: list[str] = []
+    chars = next_report = 0
+
+    def flush():
+        for ids, words in tok.tokenize_batch(pending):
+            ids = np.asarray(ids, np.int32)
+            w = np.asarray([-1 if x is None else x for x in words], np.int64)
+            starts = np.ones(len(ids), np.uint8)
+            starts[1:] = w[1:] != w[:-1]
+            tokens.append(ids)
+            word_start.append(starts)
+            sent_lens.append(len(ids))
+        pending.clear()
+
+    for doc in split_documents(pathlib.Path(path), document_boundary):
+        doc_lens.append(len(doc))
+        pending.extend(doc)
+        chars += sum(map(len, doc))
+        if len(pending) >= _BATCH_SENTENCES:
+            flush()
+        if chars >= next_report + _PROGRESS_EVERY_CHARS:
+            next_report = chars
+            print(f"tokenizing {path}: {chars / 1e6:.0f}M characters so far", file=sys.stderr, flush=True)
+    flush()
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+    return dict(tokens=cat(tokens, np.int32), word_start=cat(word_start, np.uint8),
+                sentences=np.concatenate([[0], np.cumsum(sent_lens, dtype=np.int64)]).astype(np.int64),
+                documents=np.concatenate([[0], np.cumsum(doc_lens, dtype=np.int64)]).astype(np.int64))
 
 
 def build(files: Sequence[pathlib.Path], tokenizer: Tokenizer, tokenizer_dir: str | pathlib.Path,
