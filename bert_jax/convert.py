@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bert_jax import checkpoint, rename
+from bert_jax import checkpoint, paths, rename
 from bert_jax.config import ModelConfig
 from bert_jax.tokenizer import copy_files as copy_tokenizer_files
 
@@ -50,16 +50,20 @@ def read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
-    if single.exists():
-        return load_file(str(single))
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        out = {}
-        for f in files:
-            if not (folder / f).exists():
-                raise ConvertError(f"{index} names shard {f}, which is missing")
-            out.update(load_file(str(folder / f)))
-        return out
+    try:
+        if single.exists():
+            return load_file(str(paths.inside(folder, single.name)))
+        if index.exists():
+            files = sorted(set(json.loads(paths.inside(folder, index.name).read_text())["weight_map"].values()))
+            out = {}
+            for f in files:
+                shard = paths.inside(folder, f)  # no ../, absolute path or symlink out of the folder
+                if not shard.is_file():
+                    raise ConvertError(f"{index} names shard {f}, which is missing")
+                out.update(load_file(str(shard)))
+            return out
+    except paths.OutsideFolderError as e:
+        raise ConvertError(f"{index if index.exists() else single}: {e}") from None
     if any((folder / n).exists() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         raise ConvertError(f"{folder} has only pytorch_model.bin: bert_jax never loads pickle files. "
                            "Convert it to safetensors first (transformers: "
@@ -73,7 +77,10 @@ def load_hf(folder: str | pathlib.Path) -> tuple[ModelConfig, str, dict, dict]:
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise ConvertError(f"{cfg_path} is missing")
-    d = json.loads(cfg_path.read_text())
+    try:
+        d = json.loads(paths.inside(folder, "config.json").read_text())
+    except paths.OutsideFolderError as e:
+        raise ConvertError(str(e)) from None
     arch = (d.get("architectures") or [None])[0]
     if arch is None:
         fam = d.get("model_type")

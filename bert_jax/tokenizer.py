@@ -26,6 +26,8 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
+from bert_jax import paths
+
 KINDS = ("wordpiece", "bpe", "sentencepiece")
 TRUNCATION = ("longest_first", "only_first", "only_second")
 META_FILE = "bert_jax_tokenizer.json"
@@ -218,6 +220,12 @@ class Tokenizer:
         folder = pathlib.Path(folder)
         if not folder.is_dir():
             raise TokenizerError(f"tokenizer folder {folder} does not exist")
+        for name in TOKENIZER_FILES:  # every file it may read resolves inside the folder
+            if (folder / name).exists():
+                try:
+                    paths.inside(folder, name)
+                except paths.OutsideFolderError as e:
+                    raise TokenizerError(str(e)) from None
         meta_path, cfg_path = folder / META_FILE, folder / "tokenizer_config.json"
         hf_cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         if lowercase is None:

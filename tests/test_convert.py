@@ -204,3 +204,68 @@ def test_bad_folders_are_refused_by_name(tmp_path):
     with pytest.raises(Exception):
         convert.save_hf(out, cfg, "base", {"backbone": {}})
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def _tiny_hf(folder, shared_data, **kw):
+    import jax
+    from flax import linen as nn
+    from bert_jax.config import ModelConfig
+    from bert_jax.heads import init_params
+    cfg = ModelConfig(family="bert", vocab_size=30522, hidden_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, intermediate_size=20, max_position_embeddings=32)
+    params = jax.device_get(nn.unbox(init_params(cfg, "base", jax.random.key(0))))
+    convert.save_hf(folder, cfg, "base", params, shared_data / "vocab/bert-base-uncased", **kw)
+    return folder
+
+
+def test_files_outside_the_model_folder_are_never_read(tmp_path, shared_data):
+    """A sharded index naming ../ or absolute paths, a shard or config symlinked elsewhere,
+    and a tokenizer file symlinked to /etc/passwd are refused by name, and convert writes
+    nothing; a Hugging Face cache snapshot (files linked into ../../blobs) still loads."""
+    import os
+    import shutil
+    src = _tiny_hf(tmp_path / "sharded", shared_data, max_shard_bytes=1_000_000)
+    index = src / "model.safetensors.index.json"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shard = sorted(src.glob("model-*.safetensors"))[0]
+    shutil.copy(shard, elsewhere / "x.safetensors")
+    original = index.read_text()
+    for target in ("../../../../etc/passwd", str(elsewhere / "x.safetensors"), "../elsewhere/x.safetensors"):
+        d = json.loads(original)
+        d["weight_map"][next(iter(d["weight_map"]))] = target
+        index.write_text(json.dumps(d))
+        with pytest.raises(convert.ConvertError, match="outside the folder"):
+            convert.read_safetensors(src)
+    index.write_text(original)
+    link = src / "model-linked.safetensors"
+    link.symlink_to(elsewhere / "x.safetensors")
+    d = json.loads(original)
+    d["weight_map"][next(iter(d["weight_map"]))] = link.name
+    index.write_text(json.dumps(d))
+    with pytest.raises(convert.ConvertError, match="model-linked.safetensors resolves to .*outside the folder"):
+        convert.read_safetensors(src)
+
+    hf = _tiny_hf(tmp_path / "hf", shared_data)
+    (hf / "special_tokens_map.json").symlink_to("/etc/passwd")
+    with pytest.raises(Exception, match="special_tokens_map.json resolves to /etc/passwd, outside the folder"):
+        convert.save_ours(tmp_path / "out", *convert.load_hf(hf)[:3], hf)
+    assert not (tmp_path / "out").exists()
+    (hf / "special_tokens_map.json").unlink()
+    os.replace(hf / "config.json", elsewhere / "config.json")
+    (hf / "config.json").symlink_to(elsewhere / "config.json")
+    with pytest.raises(convert.ConvertError, match="config.json resolves to .*outside the folder"):
+        convert.load_hf(hf)
+
+    # The Hugging Face cache layout: snapshots/<rev>/<file> -> ../../blobs/<hash>
+    cache = tmp_path / "models--org--tiny"
+    snap = cache / "snapshots" / "abc123"
+    (cache / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in _tiny_hf(tmp_path / "plain", shared_data).iterdir():
+        blob = cache / "blobs" / f"blob_{f.name}"
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(pathlib.Path("../../blobs") / blob.name)
+    cfg, task, params, tok = convert.load(snap)
+    assert task == "base" and tok == snap
+    convert.save_ours(tmp_path / "from_cache", cfg, task, params, tok)
