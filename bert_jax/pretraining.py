@@ -219,8 +219,9 @@ def evaluate(eval_step, params, source: loader.PretrainSource, n_batches: int, b
     batches of the held-out stream (fixed seed, so every evaluation sees the same data)."""
     it = loader.make_iterator(source)
     total: dict[str, float] = {}
-    for _ in range(n_batches):
-        b = next(it)
+    batches = [next(it) for _ in range(n_batches)]
+    loader.close_iterator(it)  # its prefetch threads stop now, not at interpreter exit
+    for b in batches:
         b = {k: jax.make_array_from_process_local_data(batch_sharding(v.ndim), v,
                                                         (source.cfg.global_batch_size,) + v.shape[1:])
              for k, v in b.items()}

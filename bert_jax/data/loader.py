@@ -194,5 +194,26 @@ class DevicePrefetcher:
             raise item
         return item
 
-    def close(self):
+    def close(self, timeout: float = 60.0):
+        """Stop the thread and wait for it, then close the grain iterator (its worker
+        threads). No thread of ours may still run in JAX or grain native code when the
+        interpreter exits: a daemon thread there is torn down by pthread_exit, which
+        aborts the process ("FATAL: exception not rethrown") after a run that succeeded."""
         self._stop.set()
+        while self._thread.is_alive():
+            try:  # unblock a put into a full queue
+                self._q.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(0.05)
+            timeout -= 0.05
+            if timeout <= 0:
+                break
+        close_iterator(self._it)
+
+
+def close_iterator(it) -> None:
+    """Shut down a grain iterator's prefetch threads (a no-op for iterators without)."""
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
