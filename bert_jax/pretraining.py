@@ -124,8 +124,6 @@ def model_config(o: PretrainOptions, tokenizer: Tokenizer) -> ModelConfig:
         logging.warning("family %s usually uses a %s tokenizer, this one is %s",
                         cfg.family, FAMILY_KIND[cfg.family], tokenizer.kind)
     cfg.check_sequence_length(o.max_seq_length)
-    if o.batch_size % o.grad_accum:
-        raise ConfigError(f"--batch_size={o.batch_size} is not divisible by --grad_accum={o.grad_accum}")
     return cfg
 
 
@@ -240,18 +238,21 @@ def run(o: PretrainOptions) -> dict:
 
 
 def check_batch(o: PretrainOptions, mesh) -> None:
-    """The global batch splits into --grad_accum microbatches, each split over the
-    data-parallel devices (data x fsdp) and over the processes: checked before any
-    tokenizer or cache is built."""
+    """The global batch is placed split over the data-parallel devices (data x fsdp) and
+    the processes, and cut into --grad_accum microbatches: checked before any tokenizer or
+    cache is built. Microbatches that do not split evenly over the devices still run (XLA
+    reshards them) but leave devices idle: a warning."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = o.batch_size // o.grad_accum
-    if o.batch_size % o.grad_accum or micro % shards or micro % jax.process_count():
+    need = math.lcm(shards, jax.process_count(), o.grad_accum)
+    if o.batch_size % need:
         raise ConfigError(
-            f"--batch_size={o.batch_size} with --grad_accum={o.grad_accum} gives microbatches of "
-            f"{o.batch_size / o.grad_accum:g} rows, which must divide evenly over the {shards} data-parallel "
-            f"devices (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}, tensor={mesh.shape['tensor']}) "
-            f"and the {jax.process_count()} process(es): use a --batch_size that is a multiple of "
-            f"{o.grad_accum * math.lcm(shards, jax.process_count())}")
+            f"--batch_size={o.batch_size} must divide evenly into --grad_accum={o.grad_accum} microbatches, "
+            f"over the {shards} data-parallel devices (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}, "
+            f"tensor={mesh.shape['tensor']}) and over the {jax.process_count()} process(es): "
+            f"use a multiple of {need}")
+    if (o.batch_size // o.grad_accum) % shards:
+        logging.warning("microbatches of %d rows do not split over the %d data-parallel devices: "
+                        "XLA reshards them and some devices idle", o.batch_size // o.grad_accum, shards)
 
 
 def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:

@@ -244,10 +244,10 @@ def test_bad_sizes_are_named_before_any_work(tmp_path):
     """A batch that does not split over the devices is named with the mesh before the
     tokenizer or cache is built (before: a JAX IndivisibleError after both); sizes out of
     range are named by their flag."""
-    with pytest.raises(ConfigError, match=r"--batch_size=6 with --grad_accum=1 .* 8 data-parallel devices"):
+    with pytest.raises(ConfigError, match=r"--batch_size=6 must divide .* 8 data-parallel devices .*multiple of 8"):
         pretraining.run(options(tmp_path, "--batch_size=6"))
-    with pytest.raises(ConfigError, match=r"--batch_size=16 with --grad_accum=4 gives microbatches of 4 rows"):
-        pretraining.run(options(tmp_path, "--batch_size=16", "--grad_accum=4"))
+    with pytest.raises(ConfigError, match=r"--batch_size=12 must divide evenly into --grad_accum=3 .*multiple of 24"):
+        pretraining.run(options(tmp_path, "--batch_size=12", "--grad_accum=3"))
     assert not (tmp_path / "cache").exists() and not (tmp_path / "tokenizer").exists()
     for bad, name in (("--batch_size=0", "batch_size"), ("--max_seq_length=2", "max_seq_length"),
                       ("--max_predictions_per_seq=0", "max_predictions_per_seq"),
