@@ -195,9 +195,9 @@ def test_cache_is_reused(tok_dir, tmp_path, monkeypatch):
 def test_sentence_splitter_is_a_real_one(tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("Mr. Smith paid $3.50 for it. Dr. Watson agreed!\nIt was late.\n\nNew paragraph here.")
-    assert list(cache.split_documents(f, "file")) == [
+    assert cache.split_documents(f, "file") == [
         ["Mr. Smith paid $3.50 for it.", "Dr. Watson agreed!", "It was late.", "New paragraph here."]]
-    assert len(list(cache.split_documents(f, "blank_line"))) == 2
+    assert len(cache.split_documents(f, "blank_line")) == 2
 
 
 def synthetic_corpus(n_docs, seed=0):

@@ -72,23 +72,29 @@ def fingerprint(files: Sequence[pathlib.Path], tokenizer: Tokenizer, document_bo
     return h.hexdigest()[:16]
 
 
-def split_documents(path: pathlib.Path, document_boundary: str) -> Iterator[list[str]]:
-    """A file's documents, each a list of sentences (pysbd, a rule-based splitter that
-    handles abbreviations, quotes and decimals), split paragraph by paragraph; the file is
-    streamed and over-long paragraphs are cut first (corpus.MAX_LINE_CHARS)."""
+def sentence_stream(path: pathlib.Path, document_boundary: str) -> Iterator[tuple[list[str], bool]]:
+    """(sentences of one paragraph, whether they start a new document), streamed: pysbd
+    (a rule-based splitter that handles abbreviations, quotes and decimals) splits each
+    paragraph; over-long paragraphs are cut first (corpus.MAX_LINE_CHARS). Documents are
+    the file, or each paragraph with document_boundary=blank_line."""
     import pysbd
     seg = pysbd.Segmenter(language="en", clean=False)
-    sentences_of = lambda p: [s.strip() for s in seg.segment(p) if s.strip()]
-    doc: list[str] = []
+    first = True
     for p in corpus_lib.paragraphs(path):
-        if document_boundary == "blank_line":
-            s = sentences_of(p)
-            if s:
-                yield s
-        else:
-            doc.extend(sentences_of(p))
-    if doc:
-        yield doc
+        sentences = [s.strip() for s in seg.segment(p) if s.strip()]
+        if sentences:
+            yield sentences, first or document_boundary == "blank_line"
+            first = False
+
+
+def split_documents(path: pathlib.Path, document_boundary: str) -> list[list[str]]:
+    """A file's documents, each a list of sentences (sentence_stream, collected)."""
+    docs: list[list[str]] = []
+    for sentences, new_doc in sentence_stream(path, document_boundary):
+        if new_doc:
+            docs.append([])
+        docs[-1].extend(sentences)
+    return docs
 
 
 _BATCH_SENTENCES = 4096
@@ -105,21 +111,28 @@ def _tokenize_file(args) -> dict[str, np.ndarray]:
     pending: list[str] = []
     chars = next_report = 0
 
-    def flush():
+    def flush():  # one array per batch of sentences: no per-sentence objects are kept
+        if not pending:
+            return
+        ids_b, starts_b, lens_b = [], [], []
         for ids, words in tok.tokenize_batch(pending):
-            ids = np.asarray(ids, np.int32)
             w = np.asarray([-1 if x is None else x for x in words], np.int64)
             starts = np.ones(len(ids), np.uint8)
             starts[1:] = w[1:] != w[:-1]
-            tokens.append(ids)
-            word_start.append(starts)
-            sent_lens.append(len(ids))
+            ids_b.append(np.asarray(ids, np.int32))
+            starts_b.append(starts)
+            lens_b.append(len(ids))
+        tokens.append(np.concatenate(ids_b))
+        word_start.append(np.concatenate(starts_b))
+        sent_lens.append(np.asarray(lens_b, np.int64))
         pending.clear()
 
-    for doc in split_documents(pathlib.Path(path), document_boundary):
-        doc_lens.append(len(doc))
-        pending.extend(doc)
-        chars += sum(map(len, doc))
+    for sentences, new_doc in sentence_stream(pathlib.Path(path), document_boundary):
+        if new_doc:
+            doc_lens.append(0)
+        doc_lens[-1] += len(sentences)
+        pending.extend(sentences)
+        chars += sum(map(len, sentences))
         if len(pending) >= _BATCH_SENTENCES:
             flush()
         if chars >= next_report + _PROGRESS_EVERY_CHARS:
@@ -128,7 +141,7 @@ def _tokenize_file(args) -> dict[str, np.ndarray]:
     flush()
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
     return dict(tokens=cat(tokens, np.int32), word_start=cat(word_start, np.uint8),
-                sentences=np.concatenate([[0], np.cumsum(sent_lens, dtype=np.int64)]).astype(np.int64),
+                sentences=np.concatenate([[0], np.cumsum(cat(sent_lens, np.int64))]).astype(np.int64),
                 documents=np.concatenate([[0], np.cumsum(doc_lens, dtype=np.int64)]).astype(np.int64))
 
 
@@ -167,15 +180,17 @@ def _write_shard(path: pathlib.Path, shard: dict) -> None:
 
 
 def load(folder: pathlib.Path, n_shards: int) -> TokenizedCorpus:
-    tokens, word_start, sentences, documents = [], [], [0], [0]
+    tokens, word_start, sentences, documents = [], [], [np.zeros(1, np.int64)], [np.zeros(1, np.int64)]
+    t_off = s_off = 0
     for i in range(n_shards):
         with np.load(folder / f"shard-{i:05d}.npz", allow_pickle=False) as z:
-            t_off, s_off = sum(len(x) for x in tokens), len(sentences) - 1
             tokens.append(z["tokens"])
             word_start.append(z["word_start"])
-            sentences.extend((z["sentences"][1:] + t_off).tolist())
-            documents.extend((z["documents"][1:] + s_off).tolist())
-    if not tokens or sum(len(t) for t in tokens) == 0:
+            sentences.append(z["sentences"][1:] + t_off)
+            documents.append(z["documents"][1:] + s_off)
+            t_off += len(z["tokens"])
+            s_off += len(z["sentences"]) - 1
+    if t_off == 0:
         raise corpus_lib.CorpusError(f"the corpus yields no tokens (cache {folder})")
     return TokenizedCorpus(np.concatenate(tokens), np.concatenate(word_start),
-                           np.asarray(sentences, np.int64), np.asarray(documents, np.int64))
+                           np.concatenate(sentences).astype(np.int64), np.concatenate(documents).astype(np.int64))
