@@ -271,12 +271,16 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     abstract, state_sh = train.state_shardings(cfg, tx, o.max_seq_length, mesh)
     batch_sh = lambda ndim: sharding.data_sharding(mesh, ndim)
     ckpt = ckpt_lib.Checkpointer(workdir, o.keep_checkpoints, o.async_checkpoint)
-    restored = ckpt.restore_latest(abstract, state_sh)
-    if restored is not None:
-        start, state, data_state, saved_manifest = restored
-        check_resume(o, saved_manifest, tok, ckpt.dir / str(start))
-        logging.info("resuming from %s at step %d", ckpt.dir / str(start), start)
-    else:
+    try:
+        restored = ckpt.restore_latest(abstract, state_sh)
+        if restored is not None:
+            start, state, data_state, saved_manifest = restored
+            check_resume(o, saved_manifest, tok, ckpt.dir / str(start))
+            logging.info("resuming from %s at step %d", ckpt.dir / str(start), start)
+    except Exception:
+        ckpt.close()  # orbax's threads stop before the error propagates
+        raise
+    if restored is None:
         state, data_state = train.create_state(cfg, tx, o.max_seq_length, o.seed, mesh, state_sh), None
         start = 0
     chief = jax.process_index() == 0  # the one process that writes files other than checkpoints
