@@ -287,12 +287,7 @@ def _array_files(step_dir):
     return [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
 
 
-def _largest_array_file(step_dir):
-    return max(_array_files(step_dir), key=lambda p: p.stat().st_size)
-
-
-def _flip(step_dir, f=None):
-    f = f or _largest_array_file(step_dir)
+def _flip(step_dir, f):
     data = bytearray(f.read_bytes())
     mid = len(data) // 2
     for i in range(mid, min(mid + 1000, len(data))):
@@ -300,13 +295,15 @@ def _flip(step_dir, f=None):
     f.write_bytes(bytes(data))
 
 
-def _truncate(step_dir):
-    f = _largest_array_file(step_dir)
+def _truncate(step_dir, f):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
-FAULTS = {"flip_bytes": _flip, "truncate": _truncate,
-          "delete_array_file": lambda d: _largest_array_file(d).unlink(),
+# Each array-file fault hits every array data file of the step: an OCDBT data file may
+# hold regions no restore reads, so one chosen file is not certain to corrupt anything.
+FAULTS = {"flip_bytes": lambda d: [_flip(d, f) for f in _array_files(d)],
+          "truncate": lambda d: [_truncate(d, f) for f in _array_files(d)],
+          "delete_array_files": lambda d: [f.unlink() for f in _array_files(d)],
           "delete_metadata": lambda d: (d / "state" / "_METADATA").unlink()}
 
 
