@@ -47,8 +47,15 @@ if [[ ! -f $stamp ]]; then
 fi
 
 if [[ $job == test ]]; then
-  echo "+ python -m pytest $*" >&2
-  exec "$venv/bin/python" -m pytest "$@"
+  # One pytest worker per core (pytest-xdist), a test file per worker so that each file's
+  # shared fixtures (reference runs, tokenizers) are built once. Give -n yourself to override.
+  args=("$@")
+  if [[ " $* " != *" -n "* && " $* " != *" -n="* && " $* " != *" -p no:xdist "* ]]; then
+    cores=$(nproc 2>/dev/null || echo 1)
+    (( cores > 1 )) && args=(-n "$cores" --dist loadfile "${args[@]}")
+  fi
+  echo "+ python -m pytest ${args[*]}" >&2
+  exec "$venv/bin/python" -m pytest "${args[@]}"
 fi
 if (( procs > 1 )); then
   port=$(( 20000 + RANDOM % 20000 ))

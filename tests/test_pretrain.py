@@ -447,3 +447,32 @@ def test_two_processes_train_like_one(tmp_path):
     _, p_multi, _ = checkpoint.load_params(tmp_path / "multi")
     _, p_single, _ = checkpoint.load_params(tmp_path / "single")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p_multi, p_single)
+
+
+def test_checksums_catch_silent_changes(tmp_path):
+    """Bytes that the storage layer reads back without complaint (OCDBT checks its b-tree
+    nodes, not array chunks) are caught by the per-array checksums: one flipped bit in any
+    array changes its checksum, and a restore whose data disagrees with the recorded
+    checksums is refused naming the array."""
+    import jax.numpy as jnp
+    state = {"w": np.linspace(-1, 1, 4096, dtype=np.float32).reshape(64, 64),
+             "b": np.arange(7, dtype=np.int32), "h": jnp.ones((3, 5), jnp.bfloat16)}
+    base = checkpoint.checksums(state)
+    for name in state:
+        bits = np.asarray(state[name]).copy()
+        flat = bits.view(np.uint8).reshape(-1)
+        flat[len(flat) // 2] ^= 0x10
+        assert checkpoint.checksums(dict(state, **{name: bits}))[name] != base[name]
+    ck = checkpoint.Checkpointer(tmp_path, async_save=False)
+    ck.save(1, state, {}, {})
+    ck.close()
+    meta = tmp_path / "checkpoints" / "1" / "manifest" / "metadata"
+    m = json.loads(meta.read_text())
+    m["checksums"]["w"] ^= 1
+    meta.write_text(json.dumps(m))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), state)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    ck = checkpoint.Checkpointer(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/1 is corrupt: 1 array\(s\) differ .*\(w\)"):
+        ck.restore(1, abstract, jax.tree.map(lambda _: one, state))
+    ck.close()
