@@ -147,8 +147,10 @@ def _prepare_tokenizer(o: PretrainOptions, workdir: pathlib.Path) -> tuple[Token
     (WordPiece unless the variant's family says otherwise) when no folder is given."""
     dest = workdir / "tokenizer"
     if dest.exists() and any(dest.iterdir()):
-        if ckpt_lib.has_checkpoint(workdir):  # the tokenizer its checkpoints were trained with
-            return Tokenizer.load(dest), dest  # (check_resume compares flags and fingerprint)
+        # The tokenizer its checkpoints were trained with (check_resume compares flags and
+        # fingerprint); other processes take what process 0 decided and wrote.
+        if ckpt_lib.has_checkpoint(workdir) or jax.process_index() != 0:
+            return Tokenizer.load(dest), dest
         # No checkpoint used it: a left-over of a run that failed before its first save,
         # possibly built from other flags or a bad corpus. Build it again from these flags.
         logging.warning("%s has no checkpoint yet: rebuilding its tokenizer from the flags", workdir)
