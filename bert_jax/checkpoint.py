@@ -11,8 +11,11 @@ is JSON.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
 import pathlib
+import socket
 import subprocess
 import time
 from importlib import metadata
@@ -60,9 +63,6 @@ class WorkdirLock:
         self.path, self.job, self._f = pathlib.Path(workdir) / ".lock", job, None
 
     def __enter__(self):
-        import fcntl
-        import os
-        import socket
         if jax.process_index() != 0:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,6 @@ class WorkdirLock:
 
     def __exit__(self, *exc):
         if self._f is not None:
-            import fcntl
             fcntl.flock(self._f, fcntl.LOCK_UN)
             self._f.close()
             self._f = None

@@ -196,15 +196,14 @@ class Finetuner:
     def run(self) -> dict:
         """Fine-tune and evaluate in o.workdir, holding its lock. A workdir of a finished
         run with the same options returns that run's results; one of another run is
-        refused (_plan)."""
+        refused (check_workdir)."""
         wd = pathlib.Path(self.o.workdir)
         wd.mkdir(parents=True, exist_ok=True)
         with checkpoint.WorkdirLock(wd, "finetune"):
-            done = wd / "results.json"
-            if done.exists() and (wd / RUN_RECORD).exists() and \
-                    json.loads((wd / RUN_RECORD).read_text()) == run_record(self.o):
+            finished = check_workdir(wd, self.o)
+            if finished is not None:
                 logging.info("%s already holds this run's results", wd)
-                return json.loads(done.read_text())
+                return finished
             return self._run()
 
     def _run(self) -> dict:
@@ -268,7 +267,6 @@ class Finetuner:
         o = self.o
         wd = pathlib.Path(o.workdir)
         wd.mkdir(parents=True, exist_ok=True)
-        check_workdir(wd, o)
         n = len(self.train["input_ids"])
         total = max(int(round(o.epochs * max(n // o.batch_size, 1))), 1)
         return wd, n, int(o.warmup_proportion * total), total
@@ -358,10 +356,11 @@ def run_record(o: FinetuneOptions) -> dict:
     return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(o).items() if k != "workdir"}))
 
 
-def check_workdir(wd: pathlib.Path, o: FinetuneOptions) -> None:
+def check_workdir(wd: pathlib.Path, o: FinetuneOptions) -> dict | None:
     """A workdir holds one run. One of another run (other options) is refused, naming the
-    options that differ; an unfinished one of this run starts over cleanly (its partial
-    outputs are removed, so metrics.jsonl never mixes two runs)."""
+    options that differ; a finished one of this run returns its results; an unfinished one
+    starts over cleanly (its partial outputs are removed, so metrics.jsonl never mixes two
+    runs) and None is returned."""
     record = wd / RUN_RECORD
     new = run_record(o)
     if record.exists():
@@ -371,6 +370,8 @@ def check_workdir(wd: pathlib.Path, o: FinetuneOptions) -> None:
         if diff:
             raise FinetuneError(f"--workdir={wd} holds another fine-tuning run ({'; '.join(diff)}); "
                                 "use a new --workdir")
+        if (wd / "results.json").exists():
+            return json.loads((wd / "results.json").read_text())
     elif any((wd / name).exists() for name in RUN_OUTPUTS):
         raise FinetuneError(f"--workdir={wd} holds outputs of a run with no record ({RUN_RECORD}); "
                             "use a new --workdir")
@@ -381,6 +382,7 @@ def check_workdir(wd: pathlib.Path, o: FinetuneOptions) -> None:
         elif path.exists():
             path.unlink()
     record.write_text(json.dumps(new, indent=1))
+    return None
 
 
 def load_backbone(fresh: dict, source: dict, where: str) -> dict:
