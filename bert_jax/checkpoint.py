@@ -112,9 +112,9 @@ def check_same_architecture(workdir: pathlib.Path, cfg: ModelConfig) -> None:
     """Resuming a workdir trained with another model is an error naming the fields."""
     if not (workdir / "config.json").exists():
         return
-    old = json.loads((workdir / "config.json").read_text())
+    old = dataclasses.asdict(ModelConfig(**json.loads((workdir / "config.json").read_text())))
     new = dataclasses.asdict(cfg)
-    shape_fields = ("family", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    shape_fields = ("family", "objective", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "intermediate_size", "max_position_embeddings", "type_vocab_size",
                     "embedding_size", "num_hidden_groups", "inner_group_num", "share_scope")
     diff = [f"{k}: checkpoint {old.get(k)!r} vs flags {new[k]!r}" for k in shape_fields

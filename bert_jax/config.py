@@ -25,6 +25,10 @@ SHARE_SCOPES = ("all", "attention", "ffn", "none")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# Pretraining objectives: masked LM alone (RoBERTa), plus next-sentence prediction (BERT)
+# or sentence-order prediction (ALBERT). Any family takes any of them.
+OBJECTIVES = ("mlm", "mlm_nsp", "mlm_sop")
+FAMILY_OBJECTIVE = {"bert": "mlm_nsp", "roberta": "mlm", "albert": "mlm_sop"}
 
 
 class ConfigError(ValueError):
@@ -56,6 +60,8 @@ class ModelConfig:
     # Task heads.
     num_labels: int = 2
     classifier_dropout: float | None = None
+    # Pretraining objective (OBJECTIVES); None means the family's (FAMILY_OBJECTIVE).
+    objective: str | None = None
     # Execution.
     dtype: str = "float32"
     scan_layers: bool = True
@@ -66,6 +72,8 @@ class ModelConfig:
         if self.num_hidden_groups is None:
             groups = 1 if self.family == "albert" else self.num_hidden_layers
             object.__setattr__(self, "num_hidden_groups", groups)
+        if self.objective is None and self.family in FAMILY_OBJECTIVE:
+            object.__setattr__(self, "objective", FAMILY_OBJECTIVE[self.family])
         _validate(self)
 
     # Derived sizes -----------------------------------------------------------------
@@ -95,8 +103,8 @@ class ModelConfig:
 
     @property
     def sentence_objective(self) -> str:
-        """Pretraining sentence-level task: NSP (BERT), SOP (ALBERT), none (RoBERTa)."""
-        return {"bert": "nsp", "albert": "sop", "roberta": "none"}[self.family]
+        """The objective's sentence-level task: nsp, sop or none."""
+        return {"mlm": "none", "mlm_nsp": "nsp", "mlm_sop": "sop"}[self.objective]
 
     @property
     def head_dropout(self) -> float:
@@ -109,6 +117,9 @@ class ModelConfig:
         if "num_hidden_layers" in changes and "num_hidden_groups" not in changes:
             if self.num_hidden_groups == self.num_hidden_layers:
                 changes["num_hidden_groups"] = None
+        if "family" in changes and "objective" not in changes:
+            if self.objective == FAMILY_OBJECTIVE.get(self.family):
+                changes["objective"] = None
         return dataclasses.replace(self, **changes)
 
     def check_sequence_length(self, seq_len: int, field: str = "max_seq_length") -> None:
@@ -126,6 +137,7 @@ def _validate(c: ModelConfig) -> None:
             raise ConfigError(f"{field}={getattr(c, field)!r}: {msg}")
 
     need(c.family in FAMILIES, "family", f"must be one of {FAMILIES}")
+    need(c.objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}")
     for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
               "intermediate_size", "max_position_embeddings", "type_vocab_size",
               "inner_group_num", "num_hidden_groups", "num_labels"):

@@ -25,18 +25,32 @@ from bert_jax.config import ModelConfig
 from bert_jax.tokenizer import copy_files as copy_tokenizer_files
 
 # transformers architecture name -> our task
+# transformers class -> (family, task, pretraining objective or None).
 ARCHITECTURES = {}
 for _fam, _Fam in (("bert", "Bert"), ("roberta", "Roberta"), ("albert", "Albert")):
     ARCHITECTURES.update({
-        f"{_Fam}Model": (_fam, "base"),
-        f"{_Fam}ForSequenceClassification": (_fam, "sequence_classification"),
-        f"{_Fam}ForTokenClassification": (_fam, "token_classification"),
-        f"{_Fam}ForQuestionAnswering": (_fam, "question_answering"),
+        f"{_Fam}Model": (_fam, "base", None),
+        f"{_Fam}ForSequenceClassification": (_fam, "sequence_classification", None),
+        f"{_Fam}ForTokenClassification": (_fam, "token_classification", None),
+        f"{_Fam}ForQuestionAnswering": (_fam, "question_answering", None),
+        f"{_Fam}ForMaskedLM": (_fam, "pretraining", "mlm"),
     })
-ARCHITECTURES.update({"BertForPreTraining": ("bert", "pretraining"),
-                      "RobertaForMaskedLM": ("roberta", "pretraining"),
-                      "AlbertForPreTraining": ("albert", "pretraining")})
-HF_ARCHITECTURE = {v: k for k, v in ARCHITECTURES.items()}
+ARCHITECTURES.update({"BertForPreTraining": ("bert", "pretraining", "mlm_nsp"),
+                      "AlbertForPreTraining": ("albert", "pretraining", "mlm_sop")})
+_HF_CLASS = {(f, t, o): a for a, (f, t, o) in ARCHITECTURES.items()}
+
+
+def hf_architecture(cfg: ModelConfig, task: str) -> str:
+    """The transformers class that holds `task` of `cfg` (pretraining: the objective's
+    heads); refuses by name when none does."""
+    name = _HF_CLASS.get((cfg.family, task, cfg.objective if task == "pretraining" else None))
+    if name is None:
+        try:
+            rename.hf_entries(cfg, task)  # names the head no class holds
+        except rename.RenameError as e:
+            raise ConvertError(str(e)) from None
+        raise ConvertError(f"no Hugging Face class holds {cfg.family}/{task}")
+    return name
 MAX_SHARD_BYTES = 2 * 2**30
 LABELS_FILE = "labels.json"
 
@@ -88,9 +102,9 @@ def load_hf(folder: str | pathlib.Path) -> tuple[ModelConfig, str, dict, dict]:
     if arch not in ARCHITECTURES:
         raise ConvertError(f"{cfg_path}: architecture {arch!r} (model_type {d.get('model_type')!r}) "
                            f"is not supported; supported: {sorted(ARCHITECTURES)}")
-    family, task = ARCHITECTURES[arch]
+    family, task, objective = ARCHITECTURES[arch]
     try:
-        cfg = rename.config_from_hf(d)
+        cfg = rename.config_from_hf(d, **({"objective": objective} if objective else {}))
     except (ValueError, rename.RenameError) as e:
         raise ConvertError(f"{cfg_path}: {e}") from None
     tensors = read_safetensors(folder)
@@ -115,6 +129,7 @@ def save_hf(out: str | pathlib.Path, cfg: ModelConfig, task: str, params,
     """A transformers folder: config.json (architectures, label maps), safetensors (sharded
     above `max_shard_bytes`), tokenizer files."""
     from safetensors.numpy import save_file
+    architecture = hf_architecture(cfg, task)
     tensors = rename.to_hf(params, cfg, task)
     if dtype == "bfloat16":
         import ml_dtypes
@@ -122,7 +137,7 @@ def save_hf(out: str | pathlib.Path, cfg: ModelConfig, task: str, params,
     elif dtype != "float32":
         raise ConvertError(f"--hf_dtype={dtype!r}: must be float32 or bfloat16")
     d = rename.hf_config_dict(cfg, task)
-    d["architectures"] = [HF_ARCHITECTURE[(cfg.family, task)]]
+    d["architectures"] = [architecture]
     d["torch_dtype"] = dtype
     d["tie_word_embeddings"] = True
     if task in ("sequence_classification", "token_classification"):
@@ -251,7 +266,7 @@ def main(argv):
         print(f"convert: {o.from_hf} ({cfg.family}, {task}) -> {o.out}")
     else:
         cfg, task = export(o.checkpoint, o.to_hf, o.hf_dtype)
-        print(f"convert: {o.checkpoint} ({cfg.family}, {task}) -> {o.to_hf} [{HF_ARCHITECTURE[(cfg.family, task)]}]")
+        print(f"convert: {o.checkpoint} ({cfg.family}, {task}) -> {o.to_hf} [{hf_architecture(cfg, task)}]")
 
 
 if __name__ == "__main__":

@@ -69,10 +69,15 @@ def define_model_flags(fv: flags.FlagValues = FLAGS) -> None:
         define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}[typ]
         define(name, None, f"Override the variant's {name}.", flag_values=fv)
     flags.DEFINE_bool("scan_layers", True, "Run layers with nn.scan (False: a Python loop).", flag_values=fv)
+    from bert_jax.config import OBJECTIVES
+    flags.DEFINE_enum("objective", None, OBJECTIVES,
+                      "Pretraining objective: masked LM alone, or with next-sentence (nsp) or "
+                      "sentence-order (sop) prediction. Default: the family's (BERT mlm_nsp, "
+                      "RoBERTa mlm, ALBERT mlm_sop).", flag_values=fv)
 
 
 def model_overrides(fv: flags.FlagValues = FLAGS) -> tuple:
-    out = [(k, fv[k].value) for k in MODEL_OVERRIDES if fv[k].value is not None]
+    out = [(k, fv[k].value) for k in (*MODEL_OVERRIDES, "objective") if fv[k].value is not None]
     out.append(("scan_layers", fv.scan_layers))
     return tuple(out)
 

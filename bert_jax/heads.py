@@ -53,8 +53,8 @@ class MLMHead(nn.Module):
 
 
 class PreTrainingModel(nn.Module):
-    """MLM plus the family's sentence objective (NSP for BERT, SOP for ALBERT, none for
-    RoBERTa). Returns `mlm_logits` BxPxV (float32) and `sentence_logits` Bx2 (BxKx2 with
+    """MLM plus the objective's sentence head (cfg.objective: mlm_nsp, mlm_sop or mlm,
+    by default NSP for BERT, SOP for ALBERT, none for RoBERTa). Returns `mlm_logits` BxPxV (float32) and `sentence_logits` Bx2 (BxKx2 with
     `sentence_positions_BxK`, one per packed example) or None."""
     cfg: ModelConfig
 
@@ -80,7 +80,7 @@ class PreTrainingModel(nn.Module):
                   "sentence_logits": None}
         if self.has_sentence_head:
             pooled_BxH = out["pooled_output"]
-            if self.cfg.family == "albert":  # HF AlbertSOPHead applies dropout first
+            if self.cfg.sentence_objective == "sop":  # as HF AlbertSOPHead: dropout first
                 pooled_BxH = self.sentence_dropout(pooled_BxH, deterministic=deterministic)
             result["sentence_logits"] = self.sentence(pooled_BxH).astype(jnp.float32)
         return result

@@ -158,6 +158,24 @@ def has_pooler(cfg: ModelConfig, task: str) -> bool:
     return task == "sequence_classification" and cfg.family != "roberta"
 
 
+# The sentence heads Hugging Face holds: BERT's NSP (BertForPreTraining) and ALBERT's SOP
+# (AlbertForPreTraining). No transformers class holds NSP on ALBERT or RoBERTa, or SOP on
+# BERT or RoBERTa; exporting those refuses rather than relabel the head.
+HF_SENTENCE_HEAD = {("bert", "nsp"): "cls.seq_relationship", ("albert", "sop"): "sop_classifier.classifier"}
+
+
+def _sentence_head_entries(cfg: ModelConfig) -> list[Entry]:
+    kind = cfg.sentence_objective
+    if kind == "none":
+        return []
+    if (cfg.family, kind) not in HF_SENTENCE_HEAD:
+        held = ", ".join(f"{k.upper()} on {f}" for f, k in HF_SENTENCE_HEAD)
+        raise RenameError(f"objective={cfg.objective!r} on family {cfg.family!r}: no Hugging Face "
+                          f"class holds a {kind.upper()} head on {cfg.family} (transformers has "
+                          f"{held}, and masked LM alone on every family)")
+    return _linear(("sentence",), HF_SENTENCE_HEAD[(cfg.family, kind)])
+
+
 def hf_entries(cfg: ModelConfig, task: str) -> list[Entry]:
     """The full table for `task` (see heads.TASKS) in HF's `<Family>For<Task>` naming
     (`base` = `<Family>Model`, whose names carry the same `bert.`/`roberta.`/`albert.`
@@ -184,7 +202,6 @@ def hf_entries(cfg: ModelConfig, task: str) -> list[Entry]:
             out += _linear(mlm + ("transform",), "cls.predictions.transform.dense")
             out += _norm(mlm + ("norm",), "cls.predictions.transform.LayerNorm")
             out += [Entry(mlm + ("bias",), None, "cls.predictions.bias", "same")]
-            out += _linear(("sentence",), "cls.seq_relationship")
         elif fam == "roberta":
             out += _linear(mlm + ("transform",), "lm_head.dense")
             out += _norm(mlm + ("norm",), "lm_head.layer_norm")
@@ -193,7 +210,7 @@ def hf_entries(cfg: ModelConfig, task: str) -> list[Entry]:
             out += _linear(mlm + ("transform",), "predictions.dense")
             out += _norm(mlm + ("norm",), "predictions.LayerNorm")
             out += [Entry(mlm + ("bias",), None, "predictions.bias", "same")]
-            out += _linear(("sentence",), "sop_classifier.classifier")
+        out += _sentence_head_entries(cfg)
     elif task == "sequence_classification":
         if fam == "roberta":
             out += _linear(("classifier_dense",), "classifier.dense")

@@ -114,3 +114,15 @@ def test_unknown_variant():
     with pytest.raises(C.ConfigError, match="variant='bert-huge'"):
         C.variant("bert-huge")
     assert C.variant("bert-base", num_hidden_layers=6).num_hidden_groups == 6
+
+
+def test_objective_defaults_to_the_family_and_is_checked():
+    from bert_jax.config import ConfigError, ModelConfig
+    assert [ModelConfig(family=f).objective for f in ("bert", "roberta", "albert")] == ["mlm_nsp", "mlm", "mlm_sop"]
+    assert ModelConfig(family="albert", objective="mlm").sentence_objective == "none"
+    assert ModelConfig(family="bert", objective="mlm_sop").sentence_objective == "sop"
+    # Changing the family keeps a chosen objective and re-derives a default one.
+    assert ModelConfig(family="bert").replace(family="albert").objective == "mlm_sop"
+    assert ModelConfig(family="bert", objective="mlm").replace(family="albert").objective == "mlm"
+    with pytest.raises(ConfigError, match="objective='nsp'"):
+        ModelConfig(objective="nsp")

@@ -476,3 +476,46 @@ def test_checksums_catch_silent_changes(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/1 is corrupt: 1 array\(s\) differ .*\(w\)"):
         ck.restore(1, abstract, jax.tree.map(lambda _: one, state))
     ck.close()
+
+
+@pytest.mark.parametrize("variant,objective,hf_class", [
+    ("bert-base", "mlm_sop", None),               # no transformers class holds SOP on BERT
+    ("bert-base", "mlm", "BertForMaskedLM"),
+    ("albert-base", "mlm", "AlbertForMaskedLM"),
+    ("albert-base", "mlm_nsp", None),             # nor NSP on ALBERT
+])
+def test_objective_is_a_flag_of_any_family(variant, objective, hf_class, tmp_path):
+    """--objective pretrains end to end on the bundled books whatever the family: the
+    sentence head and its instances follow the objective; export picks the transformers
+    class that holds the objective's heads (equal MLM logits) or refuses by name."""
+    import torch
+    import transformers
+    from bert_jax import convert
+    from bert_jax.heads import build_model
+    extra = ["--embedding_size=24", "--num_hidden_groups=1"] if variant.startswith("albert") else []
+    s = pretraining.run(options(tmp_path / "run", f"--variant={variant}", f"--objective={objective}",
+                                "--train_steps=3", "--max_position_embeddings=64", *extra))
+    cfg, task, params, tok_dir = convert.load(tmp_path / "run")
+    assert cfg.family == variant.split("-")[0] and cfg.objective == objective
+    sentence = {"mlm": "none", "mlm_nsp": "nsp", "mlm_sop": "sop"}[objective]
+    assert ("sentence" in params) == (sentence != "none")
+    assert ("sentence_accuracy" in s["heldout"]) == (sentence != "none")
+    assert all(np.isfinite(v) for v in losses(tmp_path / "run").values())
+    if hf_class is None:
+        with pytest.raises(convert.ConvertError, match=f"{objective}.*{cfg.family}.*{sentence.upper()} head"):
+            convert.export(tmp_path / "run", tmp_path / "hf")
+        assert not (tmp_path / "hf").exists()
+        return
+    convert.export(tmp_path / "run", tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [hf_class]
+    model, info = getattr(transformers, hf_class).from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    auto = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf")
+    assert type(auto).__name__ == hf_class
+    ids, types, mask = (np.array([[2, 40, 41, 42, 3, 0]]), np.zeros((1, 6), np.int64),
+                        np.array([[1, 1, 1, 1, 1, 0]]))
+    ours = build_model(cfg, task).apply({"params": params}, ids, types, mask)["mlm_logits"]
+    with torch.no_grad():
+        theirs = model.eval()(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(types),
+                              attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours)[0, :5], theirs[0, :5], atol=1e-4)
