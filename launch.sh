@@ -17,7 +17,7 @@ py=${PYTHON:-python3}
 procs=1
 if [[ ${1:-} == --procs=* ]]; then procs=${1#--procs=}; shift; fi
 
-jobs="pretrain finetune vocab convert encode bench report tokenizer_bench"
+jobs="pretrain finetune predict vocab convert encode bench report tokenizer_bench"
 if [[ $# -lt 1 ]]; then
   echo "usage: ./launch.sh [--procs=N] <job|test> [args...]   jobs: $jobs" >&2
   exit 2

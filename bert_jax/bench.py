@@ -22,7 +22,6 @@ import time
 
 import jax
 import numpy as np
-from absl import app
 
 from bert_jax import flags, optim, sharding, train
 from bert_jax.config import ModelConfig, variant
@@ -133,5 +132,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.define_bench_flags()
-    app.run(main)
+    flags.run_job(main, flags.define_bench_flags)

@@ -270,7 +270,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
     from bert_jax import flags as _flags
-    _flags.define_convert_flags()
-    app.run(main)
+    _flags.run_job(main, _flags.define_convert_flags)

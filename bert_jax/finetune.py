@@ -5,15 +5,12 @@
 
 import json
 
-from absl import app
-
 from bert_jax import flags
 
 
 def main(argv):
     opts = flags.finetune_options(argv)
     flags.apply_determinism()
-    flags.quiet_library_logs()
     from bert_jax.finetuning import Finetuner
     summary = Finetuner(opts).run()
     for name, res in summary["eval"].items():
@@ -22,5 +19,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.define_finetune_flags()
-    app.run(main)
+    flags.run_job(main, flags.define_finetune_flags)

@@ -1,16 +1,15 @@
 """Fine-tuning and evaluation, as the BERT paper does it: the pretrained encoder plus a
 fresh task head, AdamW with linear warmup then linear decay, dropout, evaluation every N
-steps and at the end, best-checkpoint selection on one metric.
+steps and at the end, best-checkpoint selection on one metric of one named eval set.
 
-Tasks:
-  classification  single texts or pairs -> label   (SST-2, MRPC, RTE, any TSV/CSV/JSONL)
-  regression      pairs -> score                    (STS-B)
-  ner             CoNLL words -> tags; label on each word's first sub-token; decoding
-                  by Viterbi under the output scheme's valid transitions
-  qa              SQuAD v1.1/v2.0 extractive QA over sliding windows
+The task types (classification, regression, ner, qa) are objects in finetune_tasks.py;
+this module is the run: read and check every input before the first step, train,
+evaluate, keep the best params, write the outputs. `predict` and the Hugging Face peer
+use the same readers, features, decoding and output files.
 
-Writes <workdir>/metrics.jsonl, <workdir>/best/ (our checkpoint folder of the best
-params, with tokenizer), and per eval file eval/NAME.json + eval/NAME.predictions.*.
+Writes <workdir>/metrics.jsonl, <workdir>/best/ (our checkpoint folder of the best params,
+with tokenizer and the task options that `predict` reuses), and per eval file
+eval/NAME.json + eval/NAME.predictions.*.
 """
 
 from __future__ import annotations
@@ -19,7 +18,8 @@ import dataclasses
 import json
 import pathlib
 import shutil
-from typing import Any
+import sys
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,17 +28,13 @@ import optax
 from absl import logging
 from flax import linen as nn
 
-from bert_jax import checkpoint, convert, metrics, optim, rename, tagging
-from bert_jax.data import squad, tasks
+from bert_jax import checkpoint, convert, finetune_tasks, optim, rename
+from bert_jax.finetune_tasks import INPUTS, Features, Task
 from bert_jax.heads import build_model, init_params
-from bert_jax.tokenizer import Tokenizer, pad_batch
+from bert_jax.tokenizer import Tokenizer
 
-TASKS = ("classification", "regression", "ner", "qa")
-MODEL_TASK = {"classification": "sequence_classification", "regression": "sequence_classification",
-              "ner": "token_classification", "qa": "question_answering"}
-DEFAULT_METRIC = {"classification": "accuracy", "regression": "spearman", "ner": "f1", "qa": "f1"}
-METRICS = {"classification": ("accuracy", "f1", "mcc"), "regression": ("pearson", "spearman"),
-           "ner": ("precision", "recall", "f1"), "qa": ("exact_match", "f1")}
+TASKS = tuple(finetune_tasks.TASKS)
+TASK_FILE = "finetune.json"   # in best/: the options predict rebuilds the task from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +44,13 @@ class FinetuneOptions:
     train_file: str
     workdir: str
     eval_files: tuple[tuple[str, str], ...] = ()
+    select_on: str | None = None             # eval set choosing the best params (default: the first)
     seed: int = 0
     text_column: str = "sentence"
     pair_column: str | None = None
     label_column: str = "label"
+    header: bool = True                      # TSV/CSV: first row names the columns
+    encoding: str = "utf-8"
     labels: tuple[str, ...] = ()             # default: sorted labels of the train file
     tag_scheme: str = "IOB2"                 # of the CoNLL files
     output_scheme: str = "BIOES"             # what the tagger learns and decodes
@@ -71,61 +70,127 @@ class FinetuneOptions:
     max_train_examples: int | None = None    # subsample (seeded) for quick runs
     dropout: float | None = None             # override the checkpoint's dropout
     dtype: str = "float32"
+    progress_bar: bool = True
 
 
 class FinetuneError(ValueError):
     """Bad options or a checkpoint that does not fit; the message names what."""
 
 
-# ------------------------------------------------------------------ features ----
-def text_features(tok: Tokenizer, ex: list[tasks.TextExample], max_len: int, labels) -> dict:
-    encs = tok.encode_batch([e.text for e in ex], [e.pair for e in ex] if ex[0].pair is not None else None,
-                            max_length=max_len)
-    f = pad_batch(encs, tok.pad_id, max_len)
-    f["labels"] = np.asarray(labels, np.float32 if isinstance(labels[0], float) else np.int32)
-    return f
+# ------------------------------------------------------------- inputs, checked ----
+@dataclasses.dataclass
+class Inputs:
+    """Everything a run reads, read and checked before its first step."""
+    labels: list[str]
+    num_labels: int
+    train: dict[str, np.ndarray]                       # features and targets
+    train_examples: int
+    evals: dict[str, tuple[list, Features]]            # name -> (examples, features)
 
 
-def ner_features(tok: Tokenizer, sents: list[tasks.TaggedSentence], max_len: int, label_list, scheme) -> dict:
-    index = {l: i for i, l in enumerate(label_list)}
-    encs, labels, first = [], [], []
-    for s in sents:
-        e = tok.encode_words(s.words, max_length=max_len)
-        tags = tagging.convert(s.tags, "IOB2", scheme)
-        lab = np.full(max_len, -1, np.int32)
-        firsts = np.full(len(s.words), -1, np.int32)
-        prev = None
-        for j, w in enumerate(e.word_ids):
-            if w is not None and w != prev:
-                if tags[w] not in index:
-                    raise tasks.TaskDataError(f"{s.where}: unknown tag {tags[w]!r} (labels: {label_list})")
-                lab[j], firsts[w] = index[tags[w]], j
-            prev = w
-        encs.append(e)
-        labels.append(lab)
-        first.append(firsts)
-    f = pad_batch(encs, tok.pad_id, max_len)
-    f["labels"] = np.stack(labels)
-    f["_first_token"] = first  # per sentence: token index of each word (-1 if truncated)
-    return f
+def read_inputs(o: FinetuneOptions, task: Task, tok: Tokenizer) -> Inputs:
+    """The (seeded subsample of the) training file and every eval file, as features.
+    A malformed row, or an eval label the model will not know (e.g. one that only rare
+    examples carry, dropped by --max_train_examples), is an error naming file and line."""
+    for name, path in [("--train_file", o.train_file)] + [(f"--eval_files={n}", p) for n, p in o.eval_files]:
+        if not pathlib.Path(path).is_file():
+            raise FinetuneError(f"{name}={path}: no such file")
+    ex = subsample(task.read(o.train_file, training=True), o.max_train_examples, np.random.default_rng(o.seed))
+    labels = task.label_set(ex)
+    train = task.features(tok, ex, labels).arrays
+    if len(train["input_ids"]) == 0:
+        raise FinetuneError(f"--train_file={o.train_file}: no usable training example "
+                            "(every one was skipped; the log says why)")
+    evals = {}
+    for name, path in o.eval_files:
+        eval_ex = task.read(path)
+        task.check(eval_ex, labels)
+        evals[name] = (eval_ex, task.features(tok, eval_ex, labels))
+    return Inputs(labels, task.num_labels(labels), train, len(ex), evals)
 
 
-# ---------------------------------------------------------------------- loss ----
-def loss_fn(kind: str, model, params, batch, rng, deterministic=False):
-    kw = dict(deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
-    out = model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
-                      batch["attention_mask"], **kw)
-    if kind == "classification":
-        return optax.softmax_cross_entropy_with_integer_labels(out, batch["labels"]).mean()
-    if kind == "regression":
-        return jnp.mean((out[:, 0] - batch["labels"]) ** 2)
-    if kind == "ner":
-        w = (batch["labels"] >= 0).astype(jnp.float32)
-        nll = optax.softmax_cross_entropy_with_integer_labels(out, jnp.maximum(batch["labels"], 0))
-        return (nll * w).sum() / jnp.maximum(w.sum(), 1.0)
-    start, end = out
-    ce = optax.softmax_cross_entropy_with_integer_labels
-    return (ce(start, batch["start_positions"]).mean() + ce(end, batch["end_positions"]).mean()) / 2
+def selection_set(o: FinetuneOptions) -> str | None:
+    """The eval set that chooses the best params: --select_on, else the first eval file
+    (said in the log). One that looks like a test set is warned about."""
+    names = [n for n, _ in o.eval_files]
+    if o.select_on is not None and o.select_on not in names:
+        raise FinetuneError(f"--select_on={o.select_on}: not one of the --eval_files names {names}")
+    name = o.select_on or (names[0] if names else None)
+    if name is None:
+        return None
+    if o.select_on is None:
+        logging.warning("choosing the best checkpoint on %r (the first --eval_files entry); "
+                        "name the set with --select_on", name)
+    path = dict(o.eval_files)[name]
+    if "test" in name.lower() or "test" in pathlib.Path(path).name.lower():
+        logging.warning("--select_on: %r (%s) looks like a test set; choosing the best checkpoint "
+                        "on it makes its score optimistic: select on a dev set", name, path)
+    return name
+
+
+def plan(o: FinetuneOptions, n: int) -> tuple[int, int]:
+    """(warmup steps, total optimizer steps): `epochs` x whole batches per epoch (at
+    least one), the first warmup_proportion of them warming up."""
+    total = max(int(round(o.epochs * max(n // o.batch_size, 1))), 1)
+    return int(o.warmup_proportion * total), total
+
+
+# --------------------------------------------------- running a model on features ----
+def length_buckets(lengths: np.ndarray, batch_size: int, max_len: int, step: int = 32):
+    """(row indices, padded length) per batch: rows sorted by length (longest first, ties
+    in input order), each batch padded to its longest row rounded up to `step`, so short
+    inputs cost little and few shapes get compiled."""
+    order = np.argsort(-lengths, kind="stable")
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        yield idx, min(max_len, -(-int(lengths[idx].max()) // step) * step)
+
+
+def run_model(apply: Callable, feats: Features, batch_size: int, max_len: int):
+    """The model's outputs for every row of `feats`, in row order. `apply(ids, types,
+    mask)` gets fixed-size batches (the last one padded with copies of a row) cut to a
+    bucket length; outputs of sequence length are padded back to `max_len` (span QA with
+    -1e9, which no answer search picks)."""
+    arrays = {k: np.asarray(feats.arrays[k]) for k in INPUTS}
+    n = len(arrays["input_ids"])
+    lengths = arrays["attention_mask"].sum(1)
+    results = None
+    for idx, width in length_buckets(lengths, batch_size, max_len):
+        rows = np.concatenate([idx, np.full(batch_size - len(idx), idx[0])])
+        out = apply(*(arrays[k][rows, :width] for k in INPUTS))
+        out = out if isinstance(out, tuple) else (out,)
+        out = [np.asarray(jax.device_get(x))[:len(idx)] for x in out]
+        if results is None:
+            results = [None] * len(out)
+        for j, x in enumerate(out):
+            if x.ndim >= 2 and x.shape[1] == width and width < max_len:
+                pad = [(0, 0), (0, max_len - width)] + [(0, 0)] * (x.ndim - 2)
+                x = np.pad(x, pad, constant_values=-1e9 if x.ndim == 2 else 0.0)
+            if results[j] is None:
+                results[j] = np.zeros((n,) + x.shape[1:], x.dtype)
+            results[j][idx] = x
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def evaluate(task: Task, apply: Callable, examples, feats: Features, labels, batch_size: int = 64):
+    """(metrics, predictions) of a labeled set."""
+    out = run_model(apply, feats, batch_size, task.o.max_seq_length)
+    preds = task.decode(out, feats, examples, labels)
+    return task.score(examples, preds, labels), preds
+
+
+def write_eval(task: Task, folder: pathlib.Path, name: str, res: dict, examples, preds, labels) -> None:
+    """eval/NAME.json (the metrics) and the predictions beside it."""
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(res, indent=1))
+    task.write(task.output_file(folder, name), examples, preds, labels)
+
+
+def progress(o: FinetuneOptions, total: int, desc: str):
+    if not o.progress_bar:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="step", mininterval=1.0, file=sys.stderr)
 
 
 # ------------------------------------------------------------------ the run ----
@@ -133,65 +198,29 @@ class Finetuner:
     def __init__(self, o: FinetuneOptions):
         if o.task not in TASKS:
             raise FinetuneError(f"--task={o.task!r}: must be one of {TASKS}")
-        if o.best_metric is not None and o.best_metric not in METRICS[o.task]:
-            raise FinetuneError(f"--best_metric={o.best_metric!r}: {o.task} reports {METRICS[o.task]}")
-        self.o = o
+        self.o, self.task = o, finetune_tasks.make(o)
+        if o.best_metric is not None and o.best_metric not in self.task.metrics:
+            raise FinetuneError(f"--best_metric={o.best_metric!r}: {o.task} reports {self.task.metrics}")
+        self.select_on = selection_set(o)
         if not pathlib.Path(o.init_checkpoint).is_dir():
             raise FinetuneError(f"--init_checkpoint={o.init_checkpoint}: no such folder")
-        for name, path in [("--train_file", o.train_file)] + [(f"--eval_files={n}", p) for n, p in o.eval_files]:
-            if not pathlib.Path(path).is_file():
-                raise FinetuneError(f"{name}={path}: no such file")
         src_cfg, _, src_params, tok_dir = convert.load(o.init_checkpoint)
         if tok_dir is None:
             raise FinetuneError(f"--init_checkpoint={o.init_checkpoint} carries no tokenizer")
         self.tok_dir, self.tok = tok_dir, Tokenizer.load(tok_dir)
-        self._read_train()
-        self._check_train()
+        self.inputs = read_inputs(o, self.task, self.tok)
+        self.labels, self.num_labels, self.train = self.inputs.labels, self.inputs.num_labels, self.inputs.train
         changes = dict(num_labels=self.num_labels, dtype=o.dtype)
         if o.dropout is not None:
             changes.update(hidden_dropout_prob=o.dropout, attention_probs_dropout_prob=o.dropout)
         self.cfg = src_cfg.replace(**changes)
         self.cfg.check_sequence_length(o.max_seq_length)
-        self.mtask = MODEL_TASK[o.task]
+        self.mtask = self.task.model_task
         self.model = build_model(self.cfg, self.mtask)
         fresh = nn.unbox(init_params(self.cfg, self.mtask, jax.random.key(o.seed)))
         self.params = load_backbone(fresh, src_params, o.init_checkpoint)
-
-    def _read_train(self):
-        o = self.o
-        rng = np.random.default_rng(o.seed)
-        if o.task in ("classification", "regression"):
-            ex = tasks.read_text_examples(o.train_file, o.text_column, o.label_column, o.pair_column,
-                                          regression=o.task == "regression")
-            ex = subsample(ex, o.max_train_examples, rng)
-            if o.task == "classification":
-                self.labels = list(o.labels) or sorted({e.label for e in ex})
-                self.num_labels = len(self.labels)
-                self.train = text_features(self.tok, ex, o.max_seq_length, tasks.label_ids(ex, self.labels))
-            else:
-                self.labels, self.num_labels = [], 1
-                self.train = text_features(self.tok, ex, o.max_seq_length, [float(e.label) for e in ex])
-        elif o.task == "ner":
-            sents = subsample(tasks.read_conll(o.train_file, o.tag_scheme), o.max_train_examples, rng)
-            for s in sents:
-                s.tags = tagging.convert(s.tags, o.tag_scheme, "IOB2")
-            types = sorted({t[2:] for s in sents for t in s.tags if t != "O"})
-            self.labels = list(o.labels) or tagging.labels_for(types, o.output_scheme)
-            self.num_labels = len(self.labels)
-            self.train = ner_features(self.tok, sents, o.max_seq_length, self.labels, o.output_scheme)
-            self.train.pop("_first_token")
-        else:
-            ex = subsample(tasks.read_squad(o.train_file, training=True), o.max_train_examples, rng)
-            feats = squad.make_features(self.tok, ex, o.max_seq_length, o.doc_stride, o.max_query_length)
-            self.labels, self.num_labels = [], 2
-            self.train = dict(input_ids=feats.input_ids, token_type_ids=feats.token_type_ids,
-                              attention_mask=feats.attention_mask, start_positions=feats.start_positions,
-                              end_positions=feats.end_positions)
-
-    def _check_train(self):
-        if len(self.train["input_ids"]) == 0:
-            raise FinetuneError(f"--train_file={self.o.train_file}: no usable training example "
-                                "(every one was skipped; the log says why)")
+        apply = jax.jit(lambda p, i, t, m: self.model.apply({"params": p}, i, t, m))
+        self.apply = lambda params: (lambda i, t, m: apply(params, i, t, m))
 
     def run(self) -> dict:
         """Fine-tune and evaluate in o.workdir, holding its lock. A workdir of a finished
@@ -206,154 +235,105 @@ class Finetuner:
                 return finished
             return self._run()
 
+    def announce(self, total: int, warmup: int) -> None:
+        o, inp = self.o, self.inputs
+        n = len(inp.train["input_ids"])
+        logging.info("finetune %s: %d training rows -> %d features; %d steps (%.3g epochs of %d "
+                     "batches of %d, %d warmup); eval: %s", o.task, inp.train_examples, n, total,
+                     o.epochs, max(n // o.batch_size, 1), o.batch_size, warmup,
+                     ", ".join(f"{k} {len(e)} rows -> {len(f)} features" for k, (e, f) in inp.evals.items())
+                     or "none")
+
     def _run(self) -> dict:
-        o = self.o
-        wd, n, warmup, total = self._plan()
+        o, task = self.o, self.task
+        wd = pathlib.Path(o.workdir)
+        n = len(self.train["input_ids"])
+        warmup, total = plan(o, n)
+        self.announce(total, warmup)
         ocfg = optim.OptimConfig("adamw", o.learning_rate, warmup, total,
                                  weight_decay=o.weight_decay, max_grad_norm=1.0)
         tx = optim.make(ocfg)
         opt_state = tx.init(self.params)
-        kind, model = o.task, self.model
+        model = self.model
 
         @jax.jit
         def step(params, opt_state, batch, rng):
-            loss, g = jax.value_and_grad(lambda p: loss_fn(kind, model, p, batch, rng))(params)
+            def loss(p):
+                out = model.apply({"params": p}, batch["input_ids"], batch["token_type_ids"],
+                                  batch["attention_mask"], deterministic=False, rngs={"dropout": rng})
+                return task.loss(out, batch)
+            value, g = jax.value_and_grad(loss)(params)
             upd, opt_state = tx.update(g, opt_state, params)
-            return optax.apply_updates(params, upd), opt_state, loss
+            return optax.apply_updates(params, upd), opt_state, value
 
         rng = jax.random.key(o.seed + 1)
-        metric = o.best_metric or DEFAULT_METRIC[o.task]
+        metric = o.best_metric or task.default_metric
         best, best_eval = None, None  # score and (results, predictions) of the best params
         params = self.params
-        first_eval = o.eval_files[0] if o.eval_files else None
         lrs = np.asarray(jax.vmap(optim.schedule(ocfg))(jnp.arange(total)))  # optax counts from 0
-        log = StepLog(wd / "metrics.jsonl")
-        for s, idx in enumerate(batch_order(n, o.batch_size, total, o.seed), start=1):
-            batch = {k: jnp.asarray(v[idx]) for k, v in self.train.items()}
-            params, opt_state, loss = step(params, opt_state, batch, jax.random.fold_in(rng, s))
-            rec = {"step": s, "loss": loss, "learning_rate": float(lrs[s - 1])}
-            evaluate = first_eval and ((o.eval_every and s % o.eval_every == 0) or s == total)
-            if evaluate:
-                res, preds = self.evaluate(params, first_eval[1])
-                rec.update({f"eval_{first_eval[0]}_{k}": v for k, v in res.items()})
-                if improves(res[metric], best):
-                    best, best_eval = res[metric], (res, preds)
-                    self._save_best(params, wd)
-            log.add(rec, now=bool(evaluate))
-        log.flush()
-        if not first_eval:
+        log = StepLog(wd / "metrics.jsonl", bar=progress(o, total, f"finetune {o.task}"))
+        try:
+            for s, idx in enumerate(batch_order(n, o.batch_size, total, o.seed), start=1):
+                batch = {k: jnp.asarray(v[idx]) for k, v in self.train.items()}
+                params, opt_state, loss = step(params, opt_state, batch, jax.random.fold_in(rng, s))
+                rec = {"step": s, "loss": loss, "learning_rate": float(lrs[s - 1])}
+                evaluate_now = self.select_on and ((o.eval_every and s % o.eval_every == 0) or s == total)
+                if evaluate_now:
+                    ex, feats = self.inputs.evals[self.select_on]
+                    res, preds = evaluate(task, self.apply(params), ex, feats, self.labels)
+                    rec.update({f"eval_{self.select_on}_{k}": v for k, v in res.items()})
+                    if improves(res[metric], best):
+                        best, best_eval = res[metric], (res, preds)
+                        self._save_best(params, wd)
+                log.add(rec, now=bool(evaluate_now))
+            log.flush()
+        finally:
+            log.close()
+        if not self.select_on:
             self._save_best(params, wd)
         self.params = params
         best_params = None
         results = {}
-        (wd / "eval").mkdir(exist_ok=True)
-        for name, path in o.eval_files:
-            if (name, path) == first_eval:  # scored when it was saved
+        for name, (ex, feats) in self.inputs.evals.items():
+            if name == self.select_on:  # scored when it was saved
                 res, preds = best_eval
             else:
                 best_params = best_params or convert.load(wd / "best")[2]
-                res, preds = self.evaluate(best_params, path)
+                res, preds = evaluate(task, self.apply(best_params), ex, feats, self.labels)
             results[name] = res
-            self._write_eval(wd / "eval", name, res, preds)
-        summary = {"steps": total, "best": {metric: best}, "eval": results,
-                   "final_train_loss": log.last["loss"], "workdir": str(wd)}
+            write_eval(task, wd / "eval", name, res, ex, preds, self.labels)
+        summary = {"steps": total, "best": {metric: best}, "selected_on": self.select_on,
+                   "eval": results, "final_train_loss": log.last["loss"], "workdir": str(wd)}
         (wd / "results.json").write_text(json.dumps(summary, indent=1))
         return summary
-
-    def _plan(self) -> tuple[pathlib.Path, int, int, int]:
-        """The workdir (created), training rows, warmup steps and total optimizer steps:
-        `epochs` x whole batches per epoch (at least one), the first warmup_proportion
-        of them warming up."""
-        o = self.o
-        wd = pathlib.Path(o.workdir)
-        wd.mkdir(parents=True, exist_ok=True)
-        n = len(self.train["input_ids"])
-        total = max(int(round(o.epochs * max(n // o.batch_size, 1))), 1)
-        return wd, n, int(o.warmup_proportion * total), total
 
     def _save_best(self, params, wd: pathlib.Path) -> None:
         tmp = wd / "best.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         convert.save_ours(tmp, self.cfg, self.mtask, jax.device_get(params), self.tok_dir,
                           source=f"finetune of {self.o.init_checkpoint}", labels=self.labels)
+        (tmp / TASK_FILE).write_text(json.dumps(run_record(self.o), indent=1))
         shutil.rmtree(wd / "best", ignore_errors=True)
         tmp.rename(wd / "best")
-
-    # ----------------------------------------------------------------- evaluate ----
-    def predict_logits(self, params, feats: dict, batch_size: int = 64):
-        """Logits of every row, in fixed-size batches (the last one padded), so one
-        compiled program serves every evaluation."""
-        if not hasattr(self, "_apply"):
-            self._apply = jax.jit(lambda p, i, t, m: self.model.apply({"params": p}, i, t, m))
-        n = len(feats["input_ids"])
-        pad = lambda a: np.concatenate([a, np.zeros(((-len(a)) % batch_size,) + a.shape[1:], a.dtype)])
-        ids, types, mask = (pad(np.asarray(feats[k])) for k in ("input_ids", "token_type_ids", "attention_mask"))
-        outs = [jax.device_get(self._apply(params, ids[s:s + batch_size], types[s:s + batch_size],
-                                           mask[s:s + batch_size]))
-                for s in range(0, len(ids), batch_size)]
-        if self.o.task == "qa":
-            return np.concatenate([o[0] for o in outs])[:n], np.concatenate([o[1] for o in outs])[:n]
-        return np.concatenate(outs)[:n]
-
-    def evaluate(self, params, path) -> tuple[dict, Any]:
-        o = self.o
-        if o.task in ("classification", "regression"):
-            ex = tasks.read_text_examples(path, o.text_column, o.label_column, o.pair_column,
-                                          regression=o.task == "regression")
-            if o.task == "classification":
-                gold = tasks.label_ids(ex, self.labels)
-                logits = self.predict_logits(params, text_features(self.tok, ex, o.max_seq_length, gold))
-                pred = logits.argmax(-1)
-                return metrics.classification(gold, pred), [self.labels[i] for i in pred]
-            gold = [float(e.label) for e in ex]
-            pred = self.predict_logits(params, text_features(self.tok, ex, o.max_seq_length, gold))[:, 0]
-            return metrics.regression(gold, pred), pred.tolist()
-        if o.task == "ner":
-            sents = tasks.read_conll(path, o.tag_scheme)
-            for s in sents:
-                s.tags = tagging.convert(s.tags, o.tag_scheme, "IOB2")
-            f = ner_features(self.tok, sents, o.max_seq_length, self.labels, o.output_scheme)
-            first = f.pop("_first_token")
-            logits = self.predict_logits(params, f)
-            logp = jax.nn.log_softmax(jnp.asarray(logits), -1)
-            pred_tags = []
-            for i, s in enumerate(sents):
-                scores = np.stack([np.asarray(logp[i, j]) if j >= 0 else
-                                   np.log(np.eye(len(self.labels))[0] + 1e-9) for j in first[i]])
-                tags = tagging.viterbi(scores, self.labels, o.output_scheme)
-                pred_tags.append(tagging.convert(tags, o.output_scheme, "IOB2"))
-            res = metrics.entities([s.tags for s in sents], pred_tags, "IOB2")
-            return res, [(s.words, s.tags, p) for s, p in zip(sents, pred_tags)]
-        ex = tasks.read_squad(path)
-        feats = squad.make_features(self.tok, ex, o.max_seq_length, o.doc_stride, o.max_query_length)
-        f = dict(input_ids=feats.input_ids, token_type_ids=feats.token_type_ids, attention_mask=feats.attention_mask)
-        start, end = self.predict_logits(params, f)
-        preds = squad.predict_answers(ex, feats, start, end, o.n_best, o.max_answer_length, o.null_threshold)
-        return metrics.squad(preds, {e.id: e.answers for e in ex}), preds
-
-    def _write_eval(self, folder: pathlib.Path, name: str, res: dict, preds) -> None:
-        """eval/NAME.json (the metrics) and the predictions beside it."""
-        (folder / f"{name}.json").write_text(json.dumps(res, indent=1))
-        o = self.o
-        if o.task == "qa":  # the official {id: answer} file
-            (folder / f"{name}.predictions.json").write_text(json.dumps(preds, indent=1))
-        elif o.task == "ner":
-            lines = []
-            for words, gold, pred in preds:
-                out_gold = tagging.convert(gold, "IOB2", o.tag_scheme)
-                out_pred = tagging.convert(pred, "IOB2", o.tag_scheme)
-                lines += [f"{w} {g} {p}" for w, g, p in zip(words, out_gold, out_pred)] + [""]
-            (folder / f"{name}.predictions.conll").write_text("\n".join(lines))
-        else:
-            (folder / f"{name}.predictions.tsv").write_text("prediction\n" + "\n".join(map(str, preds)) + "\n")
 
 
 RUN_RECORD = "run.json"
 RUN_OUTPUTS = ("metrics.jsonl", "results.json", "eval", "best", "best.tmp")
 
 
+NOT_RECORDED = ("workdir", "progress_bar")   # neither changes what a run computes
+
+
 def run_record(o: FinetuneOptions) -> dict:
-    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(o).items() if k != "workdir"}))
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(o).items() if k not in NOT_RECORDED}))
+
+
+def loss_fn(kind: str, model, params, batch, rng, deterministic=False):
+    """The task's training loss of `model` with `params` on `batch`."""
+    out = model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
+                      batch["attention_mask"], deterministic=deterministic,
+                      rngs=None if deterministic else {"dropout": rng})
+    return finetune_tasks.TASKS[kind](None).loss(out, batch)
 
 
 def check_workdir(wd: pathlib.Path, o: FinetuneOptions) -> dict | None:
@@ -420,13 +400,16 @@ def improves(score: float, best: float | None) -> bool:
 
 class StepLog:
     """Appends one JSON line per step to `path`. Losses stay on the device until a block
-    of `every` steps is written, so logging does not stall asynchronous dispatch."""
+    of `every` steps is written, so logging does not stall asynchronous dispatch. `bar`
+    (tqdm or None) advances every step and shows the last written loss."""
 
-    def __init__(self, path: pathlib.Path, every: int = 100):
-        self.path, self.every, self.pending, self.last = path, every, [], None
+    def __init__(self, path: pathlib.Path, every: int = 100, bar=None):
+        self.path, self.every, self.pending, self.last, self.bar = path, every, [], None, bar
 
     def add(self, rec: dict, now: bool = False) -> None:
         self.pending.append(rec)
+        if self.bar is not None:
+            self.bar.update(1)
         if now or len(self.pending) >= self.every:
             self.flush()
 
@@ -443,6 +426,12 @@ class StepLog:
                         f"step {rec['step']}: the training loss is {rec['loss']}; stopping (lower "
                         "--learning_rate?). Only params that scored a finite evaluation were kept in best/")
         self.last, self.pending = rec, []
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def batch_order(n: int, batch_size: int, total: int, seed: int):

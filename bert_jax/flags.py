@@ -8,6 +8,7 @@ absl. Tests parse flag files with a private FlagValues through the same function
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 from absl import flags
 
@@ -165,15 +166,32 @@ def init_distributed(fv: flags.FlagValues = FLAGS) -> None:
         jax.distributed.initialize()
 
 
-def quiet_library_logs() -> None:
-    """orbax logs every checkpoint step at INFO through absl; keep its warnings only."""
+def quiet_library_logs(fv: flags.FlagValues = FLAGS) -> None:
+    """Libraries (orbax logs every checkpoint step at INFO through absl) keep their
+    warnings only, unless --verbosity is 1 or more; bert_jax's own INFO lines stay."""
     import logging as std_logging
+    if fv.is_parsed() and fv["verbosity"].value >= 1:
+        return
 
-    class _DropOrbaxInfo(std_logging.Filter):
+    class _QuietLibraries(std_logging.Filter):
         def filter(self, record):
-            return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+            return record.levelno >= std_logging.WARNING or "/bert_jax/" in record.pathname
     for h in std_logging.getLogger().handlers + std_logging.getLogger("absl").handlers:
-        h.addFilter(_DropOrbaxInfo())
+        h.addFilter(_QuietLibraries())
+
+
+def run_job(main, define) -> None:
+    """Define a job's flags, make `--help` list them (absl lists the main module's key
+    flags, and ours are defined here), quiet library logs, run `main(argv)`."""
+    from absl import app
+    define()
+    for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__]):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+    def _main(argv):
+        quiet_library_logs()
+        return main(argv)
+    app.run(_main)
 
 
 def resolved(fv: flags.FlagValues = FLAGS) -> str:
@@ -311,12 +329,17 @@ def define_finetune_flags(fv: flags.FlagValues = FLAGS) -> None:
     D.DEFINE_enum("task", None, ["classification", "regression", "ner", "qa"], "Task type.", flag_values=fv)
     D.DEFINE_string("init_checkpoint", None, "Our checkpoint folder or a Hugging Face folder.", flag_values=fv)
     D.DEFINE_string("train_file", None, "Training file (TSV/CSV/JSONL, CoNLL, or SQuAD JSON).", flag_values=fv)
-    D.DEFINE_list("eval_files", [], "NAME=PATH,...; the first selects the best checkpoint.", flag_values=fv)
+    D.DEFINE_list("eval_files", [], "NAME=PATH,... of labeled files to evaluate on.", flag_values=fv)
+    D.DEFINE_string("select_on", None, "The --eval_files NAME whose --best_metric chooses the best "
+                    "checkpoint (a dev set, never the test set); default the first, with a warning.", flag_values=fv)
     D.DEFINE_string("workdir", None, "Output folder.", flag_values=fv)
     D.DEFINE_integer("seed", 0, "Seed of the head init, data order, dropout and subsampling.", flag_values=fv)
     D.DEFINE_string("text_column", "sentence", "Text column.", flag_values=fv)
     D.DEFINE_string("pair_column", None, "Second text column (sentence pairs).", flag_values=fv)
     D.DEFINE_string("label_column", "label", "Label column.", flag_values=fv)
+    D.DEFINE_bool("header", True, "TSV/CSV files start with a header row naming the columns; with "
+                  "--noheader give the columns as numbers from 0 (e.g. --text_column=1).", flag_values=fv)
+    D.DEFINE_string("encoding", "utf-8", "Text encoding of every input file (e.g. latin-1).", flag_values=fv)
     D.DEFINE_list("labels", [], "Label set in order (default: sorted labels of the train file).", flag_values=fv)
     D.DEFINE_enum("tag_scheme", "IOB2", ["IOB1", "IOB2", "BIOES"], "Tag scheme of the CoNLL files.", flag_values=fv)
     D.DEFINE_enum("output_scheme", "BIOES", ["IOB1", "IOB2", "BIOES"], "Scheme the tagger learns and decodes.", flag_values=fv)
@@ -336,6 +359,7 @@ def define_finetune_flags(fv: flags.FlagValues = FLAGS) -> None:
     D.DEFINE_integer("max_train_examples", None, "Seeded subsample of the training set.", flag_values=fv)
     D.DEFINE_float("dropout", None, "Override the checkpoint's dropout.", flag_values=fv)
     D.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.", flag_values=fv)
+    D.DEFINE_bool("progress_bar", True, "Show a progress bar.", flag_values=fv)
     define_determinism_flag(fv)
     flags.mark_flags_as_required(["task", "init_checkpoint", "train_file", "workdir"], flag_values=fv)
 
@@ -353,6 +377,29 @@ def finetune_options(argv=None, fv: flags.FlagValues = FLAGS):
              "label_column", "tag_scheme", "output_scheme", "max_seq_length", "doc_stride",
              "max_query_length", "max_answer_length", "n_best", "null_threshold", "batch_size",
              "learning_rate", "epochs", "warmup_proportion", "weight_decay", "eval_every",
-             "best_metric", "max_train_examples", "dropout", "dtype")
+             "best_metric", "max_train_examples", "dropout", "dtype", "select_on", "header",
+             "encoding", "progress_bar")
     return FinetuneOptions(eval_files=tuple(evals), labels=tuple(fv.labels),
                            **{n: fv[n].value for n in names})
+
+
+# ---------------------------------------------------------------------- predict ----
+def define_predict_flags(fv: flags.FlagValues = FLAGS) -> None:
+    flags.DEFINE_string("checkpoint", None, "The best/ folder of a finetune run.", flag_values=fv)
+    flags.DEFINE_string("input", None, "Unlabeled input: TSV/CSV/JSONL rows (classification, regression), "
+                        "one word per line (ner), SQuAD JSON (qa).", flag_values=fv)
+    flags.DEFINE_string("output", None, "File to write: TSV (classification, regression), CoNLL (ner), "
+                        "{id: answer} JSON (qa).", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 64, "Rows per forward pass.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("text_column", None, "Text column of --input (default: the run's).", flag_values=fv)
+    flags.DEFINE_string("pair_column", None, "Second text column of --input (default: the run's).", flag_values=fv)
+    flags.DEFINE_bool("header", None, "Whether --input has a header row (default: as the run's files).", flag_values=fv)
+    flags.DEFINE_string("encoding", None, "Text encoding of --input (default: the run's).", flag_values=fv)
+    flags.mark_flags_as_required(["checkpoint", "input", "output"], flag_values=fv)
+
+
+def predict_options(argv=None, fv: flags.FlagValues = FLAGS):
+    from bert_jax.predict import PredictOptions
+    _unparsed(argv)
+    return PredictOptions(fv.checkpoint, fv.input, fv.output, fv.batch_size, fv.text_column,
+                          fv.pair_column, fv.header, fv.encoding)

@@ -5,15 +5,12 @@
 
 import json
 
-from absl import app
-
 from bert_jax import flags
 
 
 def main(argv):
     opts = flags.pretrain_options(argv)
     flags.apply_determinism()
-    flags.quiet_library_logs()
     flags.init_distributed()
     from bert_jax import pretraining
     summary = pretraining.run(opts)
@@ -28,5 +25,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.define_pretrain_flags()
-    app.run(main)
+    flags.run_job(main, flags.define_pretrain_flags)

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from typing import Iterator, Sequence
 
-from absl import app, logging
+from absl import logging
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers, trainers
 
@@ -147,5 +147,4 @@ def main(argv):
 
 if __name__ == "__main__":
     from bert_jax import flags as _flags
-    _flags.define_vocab_flags()
-    app.run(main)
+    _flags.run_job(main, _flags.define_vocab_flags)

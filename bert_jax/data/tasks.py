@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import pathlib
@@ -30,52 +31,107 @@ class TaskDataError(ValueError):
 class TextExample:
     text: str
     pair: str | None
-    label: str | float
-    where: str          # "file:line", for error messages
+    label: str | float | None   # None: an unlabeled file (predict)
+    where: str                  # "file:line", for error messages
+    id: str = ""                # the row's id/idx/index column, else its line number
 
 
-def read_text_examples(path: str | pathlib.Path, text_column: str, label_column: str,
-                       pair_column: str | None = None, regression: bool = False) -> list[TextExample]:
+ID_COLUMNS = ("id", "idx", "index", "guid")
+
+
+def read_text(path: pathlib.Path, encoding: str = "utf-8") -> str:
+    """The file's text; a byte that is not `encoding` is an error naming file, line and
+    byte, and the --encoding flag. A UTF-8 byte-order mark is dropped."""
+    data = path.read_bytes()
+    enc = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    try:
+        return data.decode(enc)
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise TaskDataError(f"{path}:{line}: byte 0x{data[e.start]:02x} at column {col} is not "
+                            f"{encoding} text; give the file's encoding with --encoding (e.g. "
+                            "--encoding=latin-1)") from None
+    except LookupError:
+        raise TaskDataError(f"--encoding={encoding}: unknown encoding") from None
+
+
+def _column(name: str, header: list[str] | None, where: str) -> int | str:
+    """A column given by name, or by 0-based index (headerless files, or digits that are
+    no header's name)."""
+    if header is not None and name in header:
+        return name
+    if name.isdigit():
+        return int(name)
+    have = f"have {header}" if header is not None else "a file without header takes column numbers from 0"
+    raise TaskDataError(f"{where}: no column {name!r} ({have})")
+
+
+def read_text_examples(path: str | pathlib.Path, text_column: str, label_column: str | None,
+                       pair_column: str | None = None, regression: bool = False, *,
+                       encoding: str = "utf-8", header: bool = True) -> list[TextExample]:
+    """Rows of a TSV, CSV or JSONL file. `label_column=None` reads an unlabeled file.
+    Columns are header names, or 0-based numbers (`header=False`: the first row is data)."""
     path = pathlib.Path(path)
     if not path.exists():
         raise TaskDataError(f"{path}: no such file")
-    rows: list[tuple[int, dict]] = []
+    text = read_text(path, encoding)
+    rows: list[tuple[int, dict | list]] = []
+    names: list[str] | None = None
     if path.suffix == ".jsonl":
-        for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        for i, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append((i, json.loads(line)))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise TaskDataError(f"{path}:{i}: not JSON ({e})") from None
+                if not isinstance(row, dict):
+                    raise TaskDataError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
+                rows.append((i, row))
     else:
         delim = "," if path.suffix == ".csv" else "\t"
-        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: MRPC has a BOM
-            reader = csv.reader(f, delimiter=delim, quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL)
-            header = next(reader, None)
-            if header is None:
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim,
+                            quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL)
+        first = 1
+        if header:
+            names = next(reader, None)
+            if names is None:
                 raise TaskDataError(f"{path}: empty file")
-            header = [h.strip() for h in header]
-            for i, r in enumerate(reader, 2):
-                if not r:
-                    continue
-                if len(r) != len(header):
-                    raise TaskDataError(f"{path}:{i}: {len(r)} columns, the header has {len(header)}")
-                rows.append((i, dict(zip(header, r))))
+            names, first = [h.strip() for h in names], 2
+        for i, r in enumerate(reader, first):
+            if not r:
+                continue
+            if names is not None and len(r) != len(names):
+                raise TaskDataError(f"{path}:{i}: {len(r)} columns, the header has {len(names)}")
+            rows.append((i, dict(zip(names, r)) if names is not None else r))
+    if not rows:
+        raise TaskDataError(f"{path}: no examples")
+    wanted = [c for c in (text_column, label_column, pair_column) if c is not None]
     out = []
     for i, r in rows:
-        for col in (text_column, label_column) + ((pair_column,) if pair_column else ()):
-            if col not in r:
-                raise TaskDataError(f"{path}:{i}: no column {col!r} (have {sorted(r)})")
-        label = r[label_column]
-        if regression:
-            try:
-                label = float(label)
-            except ValueError:
-                raise TaskDataError(f"{path}:{i}: label {label!r} is not a number") from None
-        out.append(TextExample(str(r[text_column]).strip(), str(r[pair_column]).strip() if pair_column else None,
-                               label if regression else str(label).strip(), f"{path}:{i}"))
-    if not out:
-        raise TaskDataError(f"{path}: no examples")
+        where = f"{path}:{i}"
+        keys = list(r) if isinstance(r, dict) else None
+        cols = {c: _column(c, keys, where) for c in wanted}
+        get = {}
+        for c, k in cols.items():
+            if isinstance(r, dict) and isinstance(k, int):
+                raise TaskDataError(f"{where}: no column {c!r} (have {sorted(r)})")
+            if isinstance(r, list) and k >= len(r):
+                raise TaskDataError(f"{where}: no column {k} (the row has {len(r)} columns, numbered from 0)")
+            get[c] = r[k]
+        label = None
+        if label_column is not None:
+            label = get[label_column]
+            if regression:
+                try:
+                    label = float(label)
+                except (TypeError, ValueError):
+                    raise TaskDataError(f"{where}: label {label!r} is not a number") from None
+            else:
+                label = str(label).strip()
+        ident = next((str(r[c]) for c in ID_COLUMNS if isinstance(r, dict) and c in r), str(i))
+        out.append(TextExample(str(get[text_column]).strip(),
+                               str(get[pair_column]).strip() if pair_column else None, label, where, ident))
     return out
 
 
@@ -97,7 +153,10 @@ class TaggedSentence:
     where: str
 
 
-def read_conll(path: str | pathlib.Path, scheme: str = "IOB2", tag_column: int = -1) -> list[TaggedSentence]:
+def read_conll(path: str | pathlib.Path, scheme: str = "IOB2", tag_column: int = -1, *,
+               labeled: bool = True, encoding: str = "utf-8") -> list[TaggedSentence]:
+    """CoNLL sentences: the word in the first column, the tag in `tag_column`. Unlabeled
+    (predict): one word per line, further columns ignored, tags empty."""
     path = pathlib.Path(path)
     if not path.exists():
         raise TaskDataError(f"{path}: no such file")
@@ -105,18 +164,24 @@ def read_conll(path: str | pathlib.Path, scheme: str = "IOB2", tag_column: int =
 
     def flush():
         if words:
-            if not tagging.is_valid(tags, scheme):
+            if labeled and not tagging.is_valid(tags, scheme):
                 raise TaskDataError(f"{path}:{start}: tag sequence {tags} is not valid {scheme}")
             out.append(TaggedSentence(list(words), list(tags), f"{path}:{start}"))
         words.clear()
         tags.clear()
 
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(read_text(path, encoding).splitlines(), 1):
         if not line.strip() or line.startswith("-DOCSTART-"):
             flush()
             start = i + 1
             continue
         cols = line.split()
+        if not labeled:
+            if "\t" in line and any(" " in c.strip() for c in line.split("\t")):
+                raise TaskDataError(f"{path}:{i}: expected one word per line (CoNLL), got a row "
+                                    f"of tab-separated text {line[:60]!r}")
+            words.append(cols[0])
+            continue
         if len(cols) < 2:
             raise TaskDataError(f"{path}:{i}: expected 'token ... tag', got {line!r}")
         tag = cols[tag_column]
@@ -125,6 +190,8 @@ def read_conll(path: str | pathlib.Path, scheme: str = "IOB2", tag_column: int =
         words.append(cols[0])
         tags.append(tag)
     flush()
+    if not out:
+        raise TaskDataError(f"{path}: no sentences")
     return out
 
 
@@ -138,20 +205,24 @@ class QAExample:
     answer_start: int | None       # char offset of the first answer (training)
 
 
-def read_squad(path: str | pathlib.Path, training: bool = False) -> list[QAExample]:
-    """SQuAD v1.1/v2.0 JSON. With `training`, questions whose first answer is not at its
-    answer_start in the context are skipped, counted and logged with their id, and an
-    answer_start inside a word moves to an occurrence on word boundaries (counted)."""
+def read_squad(path: str | pathlib.Path, training: bool = False, *,
+               encoding: str = "utf-8") -> list[QAExample]:
+    """SQuAD v1.1/v2.0 JSON (answers may be absent: predict). With `training`, questions
+    whose first answer is not at its answer_start in the context are skipped, counted and
+    logged with their id, and an answer_start inside a word moves to an occurrence on word
+    boundaries (counted)."""
     path = pathlib.Path(path)
+    if not path.is_file():
+        raise TaskDataError(f"{path}: no such file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))["data"]
-    except FileNotFoundError:
-        raise TaskDataError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, KeyError) as e:
+        data = json.loads(read_text(path, encoding))["data"]
+        if not isinstance(data, list):
+            raise KeyError("'data' is not a list")
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise TaskDataError(f"{path}: not SQuAD JSON ({e})") from None
     out, skipped, realigned = [], 0, 0
     for article in data:
-        for para in article["paragraphs"]:
+        for para in article.get("paragraphs", []) if isinstance(article, dict) else []:
             ctx = para["context"]
             for qa in para["qas"]:
                 answers = [a["text"] for a in qa.get("answers", [])]
@@ -174,6 +245,8 @@ def read_squad(path: str | pathlib.Path, training: bool = False) -> list[QAExamp
     if realigned:
         log.warning("%s: moved %d answer_start(s) from inside a word to an occurrence of the "
                     "same text on word boundaries", path, realigned)
+    if not out and not skipped:
+        raise TaskDataError(f"{path}: no questions (SQuAD JSON: data[].paragraphs[].qas[])")
     return out
 
 

@@ -18,27 +18,30 @@ import json
 import pathlib
 
 import numpy as np
-from absl import app
 
-from bert_jax import flags
-from bert_jax.finetuning import FinetuneError, Finetuner, FinetuneOptions, StepLog, batch_order
+from bert_jax import finetune_tasks, flags
+from bert_jax.finetuning import (FinetuneError, FinetuneOptions, StepLog, batch_order, evaluate,
+                                 plan, read_inputs, write_eval)
 from bert_jax.tokenizer import Tokenizer
 
-HF_CLASS = {"classification": "AutoModelForSequenceClassification",
-            "regression": "AutoModelForSequenceClassification",
-            "ner": "AutoModelForTokenClassification", "qa": "AutoModelForQuestionAnswering"}
+HF_CLASS = {"sequence_classification": "AutoModelForSequenceClassification",
+            "token_classification": "AutoModelForTokenClassification",
+            "question_answering": "AutoModelForQuestionAnswering"}
 
 
-class HFPeer(Finetuner):
-    """A Finetuner whose model and training loop are transformers + torch."""
+class HFPeer:
+    """The fine-tuning run with a transformers + torch model and training loop; the task
+    object, inputs, batch order, evaluation and output files are the job's own."""
 
     def __init__(self, o: FinetuneOptions):
         import torch
         import transformers
         if not (pathlib.Path(o.init_checkpoint) / "config.json").exists():
             raise FinetuneError(f"--init_checkpoint={o.init_checkpoint}: the peer needs a Hugging Face folder")
-        self.o, self.tok_dir, self.tok = o, o.init_checkpoint, Tokenizer.load(o.init_checkpoint)
-        self._read_train()
+        self.o, self.task = o, finetune_tasks.make(o)
+        self.tok = Tokenizer.load(o.init_checkpoint)
+        self.inputs = read_inputs(o, self.task, self.tok)
+        self.labels, self.num_labels, self.train = self.inputs.labels, self.inputs.num_labels, self.inputs.train
         torch.manual_seed(o.seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         kw = {"num_labels": self.num_labels}
@@ -46,7 +49,7 @@ class HFPeer(Finetuner):
             kw["problem_type"] = "regression"
         if o.dropout is not None:
             kw.update(hidden_dropout_prob=o.dropout, attention_probs_dropout_prob=o.dropout)
-        cls = getattr(transformers, HF_CLASS[o.task])
+        cls = getattr(transformers, HF_CLASS[self.task.model_task])
         self.model = cls.from_pretrained(o.init_checkpoint, **kw).to(self.device)
 
     def _tensors(self, feats: dict, idx=None) -> dict:
@@ -63,7 +66,10 @@ class HFPeer(Finetuner):
         import torch
         import transformers
         o = self.o
-        wd, n, warmup, total = self._plan()
+        wd = pathlib.Path(o.workdir)
+        wd.mkdir(parents=True, exist_ok=True)
+        n = len(self.train["input_ids"])
+        warmup, total = plan(o, n)
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
@@ -84,34 +90,29 @@ class HFPeer(Finetuner):
         log.flush()
         self.model.eval()
         results = {}
-        (wd / "eval").mkdir(exist_ok=True)
-        for name, path in o.eval_files:
-            res, preds = self.evaluate(None, path)
+        for name, (ex, feats) in self.inputs.evals.items():
+            res, preds = evaluate(self.task, self.apply, ex, feats, self.labels)
             results[name] = res
-            self._write_eval(wd / "eval", name, res, preds)
+            write_eval(self.task, wd / "eval", name, res, ex, preds, self.labels)
             print(f"hf_finetune: {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
         summary = {"steps": total, "eval": results, "final_train_loss": log.last["loss"], "workdir": str(wd)}
         (wd / "results.json").write_text(json.dumps(summary, indent=1))
         return summary
 
-    def predict_logits(self, params, feats: dict, batch_size: int = 64):
+    def apply(self, ids, types, mask):
+        """The model's outputs on one batch, as NumPy (span QA: start and end logits)."""
         import torch
-        keys = ("input_ids", "token_type_ids", "attention_mask")
-        outs = []
         with torch.no_grad():
-            for s in range(0, len(feats["input_ids"]), batch_size):
-                out = self.model(**self._tensors({k: feats[k] for k in keys}, slice(s, s + batch_size)))
-                outs.append((out.start_logits, out.end_logits) if self.o.task == "qa" else (out.logits,))
-        cat = [torch.cat(parts).float().cpu().numpy() for parts in zip(*outs)]
-        return tuple(cat) if self.o.task == "qa" else cat[0]
+            out = self.model(**self._tensors(dict(input_ids=ids, token_type_ids=types, attention_mask=mask)))
+        if self.task.model_task == "question_answering":
+            return out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
+        return out.logits.float().cpu().numpy()
 
 
 def main(argv):
     o = flags.finetune_options(argv)
-    flags.quiet_library_logs()
     print(json.dumps(HFPeer(o).run()))
 
 
 if __name__ == "__main__":
-    flags.define_finetune_flags()
-    app.run(main)
+    flags.run_job(main, flags.define_finetune_flags)

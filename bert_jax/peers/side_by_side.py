@@ -25,8 +25,6 @@ import sys
 import time
 from typing import Any
 
-from absl import app
-
 from bert_jax import flags
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "finetune"
@@ -168,5 +166,4 @@ def write_summary(runs: list[Run], out: pathlib.Path) -> None:
 
 
 if __name__ == "__main__":
-    flags.define_side_by_side_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    flags.run_job(lambda argv: sys.exit(main(argv)), flags.define_side_by_side_flags)
