@@ -163,12 +163,22 @@ def verify(tree, saved: dict | None, where) -> None:
 
 
 class Checkpointer:
-    def __init__(self, workdir: pathlib.Path, keep: int = 3, async_save: bool = True):
+    """Checkpoints of a run in <workdir>/checkpoints, saved by every process together; with
+    `this_process_only`, by this process alone (a host-side folder such as a fine-tuned
+    best/, written by process 0 of a multi-process run)."""
+
+    def __init__(self, workdir: pathlib.Path, keep: int = 3, async_save: bool = True,
+                 this_process_only: bool = False):
         self.dir = (workdir / "checkpoints").resolve()
         self.quarantine = self.dir.parent / "checkpoints.corrupt"
-        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        me = jax.process_index()
+        alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        if this_process_only:  # orbax creates the folder only when every process saves
+            self.dir.mkdir(parents=True, exist_ok=True)
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not this_process_only,
                                             enable_async_checkpointing=async_save,
-                                            cleanup_tmp_directories=True)
+                                            cleanup_tmp_directories=True,
+                                            **({"multiprocessing_options": alone} if this_process_only else {}))
         self.manager = ocp.CheckpointManager(self.dir, options=opts,
                                              item_names=("state", "data", "manifest"))
 

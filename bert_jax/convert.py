@@ -184,7 +184,7 @@ def save_ours(out: str | pathlib.Path, cfg: ModelConfig, task: str, params,
             (tmp / LABELS_FILE).write_text(json.dumps(list(labels)))
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp / "tokenizer")
-        ck = checkpoint.Checkpointer(tmp, keep=1, async_save=False)
+        ck = checkpoint.Checkpointer(tmp, keep=1, async_save=False, this_process_only=True)
         ck.save(0, {"params": params}, {}, {"source": source, "task": task,
                                             "packages": checkpoint.package_versions()})
         ck.close()

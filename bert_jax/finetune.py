@@ -11,9 +11,12 @@ from bert_jax import flags
 def main(argv):
     opts = flags.finetune_options(argv)
     flags.apply_determinism()
+    flags.init_distributed()
     from bert_jax.finetuning import Finetuner
     summary = Finetuner(opts).run()
-    for name, res in summary["eval"].items():
+    if summary.get("stopped_early"):
+        print(f"finetune: stopped at step {summary['step']} of {summary['steps']}; rerun to resume")
+    for name, res in summary.get("eval", {}).items():
         print(f"finetune: {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
     print(json.dumps(summary))
 

@@ -14,6 +14,7 @@ eval/NAME.json + eval/NAME.predictions.*.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -24,11 +25,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from flax import linen as nn
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bert_jax import checkpoint, convert, finetune_tasks, optim, rename
+from bert_jax import checkpoint, convert, finetune_tasks, optim, rename, sharding, train
 from bert_jax.finetune_tasks import INPUTS, Features, Task
 from bert_jax.heads import build_model, init_params
 from bert_jax.tokenizer import Tokenizer
@@ -71,6 +73,14 @@ class FinetuneOptions:
     dropout: float | None = None             # override the checkpoint's dropout
     dtype: str = "float32"
     progress_bar: bool = True
+    # Run machinery (none of these change what is computed, beyond float rounding of the mesh).
+    mesh_data: int = -1
+    mesh_fsdp: int = 1
+    mesh_tensor: int = 1
+    checkpoint_every: int = 500              # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2
+    async_checkpoint: bool = True
+    stop_at_step: int | None = None          # checkpoint and exit there (as SIGTERM does)
 
 
 class FinetuneError(ValueError):
@@ -218,9 +228,22 @@ class Finetuner:
         self.mtask = self.task.model_task
         self.model = build_model(self.cfg, self.mtask)
         fresh = nn.unbox(init_params(self.cfg, self.mtask, jax.random.key(o.seed)))
-        self.params = load_backbone(fresh, src_params, o.init_checkpoint)
-        apply = jax.jit(lambda p, i, t, m: self.model.apply({"params": p}, i, t, m))
+        self.params = jax.tree.map(np.asarray, load_backbone(fresh, src_params, o.init_checkpoint))
+        self.mesh = sharding.make_mesh(o.mesh_data, o.mesh_fsdp, o.mesh_tensor)
+        train.check_batch(o.batch_size, 1, self.mesh)
+        self.tx = optim.make(self.optim_config())
+        self.abstract, self.state_sh = train.state_shardings(self.cfg, self.tx, o.max_seq_length,
+                                                             self.mesh, self.mtask)
+        rep = NamedSharding(self.mesh, P())
+        apply = jax.jit(lambda p, i, t, m: self.model.apply({"params": p}, i, t, m),
+                        in_shardings=(self.state_sh.params, rep, rep, rep), out_shardings=rep)
         self.apply = lambda params: (lambda i, t, m: apply(params, i, t, m))
+
+    def optim_config(self) -> optim.OptimConfig:
+        o = self.o
+        warmup, total = plan(o, len(self.train["input_ids"]))
+        return optim.OptimConfig("adamw", o.learning_rate, warmup, total,
+                                 weight_decay=o.weight_decay, max_grad_norm=1.0)
 
     def run(self) -> dict:
         """Fine-tune and evaluate in o.workdir, holding its lock. A workdir of a finished
@@ -230,6 +253,8 @@ class Finetuner:
         wd.mkdir(parents=True, exist_ok=True)
         with checkpoint.WorkdirLock(wd, "finetune"):
             finished = check_workdir(wd, self.o)
+            if jax.process_count() > 1:  # process 0 has cleaned the workdir
+                multihost_utils.sync_global_devices("finetune check_workdir")
             if finished is not None:
                 logging.info("%s already holds this run's results", wd)
                 return finished
@@ -244,73 +269,122 @@ class Finetuner:
                      ", ".join(f"{k} {len(e)} rows -> {len(f)} features" for k, (e, f) in inp.evals.items())
                      or "none")
 
+    def _initial_state(self):
+        """A fresh state on the mesh holding the loaded backbone and the fresh head."""
+        state = train.create_state(self.cfg, self.tx, self.o.max_seq_length, self.o.seed, self.mesh,
+                                   self.state_sh, task=self.mtask)
+        placed = jax.tree.map(lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda i: x[i]),
+                              self.params, self.state_sh.params)
+        return state.replace(params=placed)
+
     def _run(self) -> dict:
-        o, task = self.o, self.task
+        o, task, mesh = self.o, self.task, self.mesh
         wd = pathlib.Path(o.workdir)
+        chief = jax.process_index() == 0
         n = len(self.train["input_ids"])
         warmup, total = plan(o, n)
         self.announce(total, warmup)
-        ocfg = optim.OptimConfig("adamw", o.learning_rate, warmup, total,
-                                 weight_decay=o.weight_decay, max_grad_norm=1.0)
-        tx = optim.make(ocfg)
-        opt_state = tx.init(self.params)
+        batch_sh = lambda ndim: sharding.data_sharding(mesh, ndim)
+        example = {k: np.zeros((o.batch_size,) + v.shape[1:], v.dtype) for k, v in self.train.items()}
         model = self.model
 
-        @jax.jit
-        def step(params, opt_state, batch, rng):
-            def loss(p):
-                out = model.apply({"params": p}, batch["input_ids"], batch["token_type_ids"],
-                                  batch["attention_mask"], deterministic=False, rngs={"dropout": rng})
-                return task.loss(out, batch)
-            value, g = jax.value_and_grad(loss)(params)
-            upd, opt_state = tx.update(g, opt_state, params)
-            return optax.apply_updates(params, upd), opt_state, value
+        def loss_fn(params, mb, rng, _):
+            out = model.apply({"params": params}, mb["input_ids"], mb["token_type_ids"],
+                              mb["attention_mask"], deterministic=False, rngs={"dropout": rng})
+            return task.loss(out, mb), {}
 
-        rng = jax.random.key(o.seed + 1)
+        step_fn = train.make_step(loss_fn, self.tx, 1, self.state_sh, batch_sh, example, mesh)
+        ckpt = checkpoint.Checkpointer(wd, o.keep_checkpoints, o.async_checkpoint)
+        try:
+            restored = ckpt.restore_latest(self.abstract, self.state_sh)
+        except Exception:
+            ckpt.close()
+            raise
         metric = o.best_metric or task.default_metric
         best, best_eval = None, None  # score and (results, predictions) of the best params
-        params = self.params
-        lrs = np.asarray(jax.vmap(optim.schedule(ocfg))(jnp.arange(total)))  # optax counts from 0
-        log = StepLog(wd / "metrics.jsonl", bar=progress(o, total, f"finetune {o.task}"))
+        if restored is not None:
+            start, state, saved, _ = restored
+            best = saved["best"]
+            logging.info("resuming from %s at step %d", ckpt.dir / str(start), start)
+            if chief:
+                keep_metrics_until(wd / "metrics.jsonl", start)
+        else:
+            start, state = 0, self._initial_state()
+        manifest = {"options": run_record(o), "git_revision": checkpoint.git_revision()}
+        lrs = np.asarray(jax.vmap(optim.schedule(self.optim_config()))(jnp.arange(total)))  # optax counts from 0
+        bar = progress(o, total, f"finetune {o.task}") if chief else None
+        if bar is not None:
+            bar.update(start)
+        log = StepLog(wd / "metrics.jsonl", bar=bar, write=chief)
+        order = batch_order(n, o.batch_size, total, o.seed)
+        for _ in range(start):  # the data order continues where the checkpoint left it
+            next(order)
+        s = start
         try:
-            for s, idx in enumerate(batch_order(n, o.batch_size, total, o.seed), start=1):
-                batch = {k: jnp.asarray(v[idx]) for k, v in self.train.items()}
-                params, opt_state, loss = step(params, opt_state, batch, jax.random.fold_in(rng, s))
-                rec = {"step": s, "loss": loss, "learning_rate": float(lrs[s - 1])}
-                evaluate_now = self.select_on and ((o.eval_every and s % o.eval_every == 0) or s == total)
-                if evaluate_now:
-                    ex, feats = self.inputs.evals[self.select_on]
-                    res, preds = evaluate(task, self.apply(params), ex, feats, self.labels)
-                    rec.update({f"eval_{self.select_on}_{k}": v for k, v in res.items()})
-                    if improves(res[metric], best):
-                        best, best_eval = res[metric], (res, preds)
-                        self._save_best(params, wd)
-                log.add(rec, now=bool(evaluate_now))
+            with train.StopOnSigterm() as stop, jax.set_mesh(mesh):
+                in_flight = None
+                for idx in order:
+                    state, m = step_fn(state, train.global_batch(self.train, idx, batch_sh))
+                    s += 1
+                    # At most two steps queued (no transfer: waiting is not copying). XLA's CPU
+                    # collectives can deadlock when many steps of an 8-device mesh are queued.
+                    if in_flight is not None:
+                        in_flight.block_until_ready()
+                    in_flight = m["loss"]
+                    rec = {"step": s, "loss": m["loss"], "learning_rate": float(lrs[s - 1])}
+                    evaluate_now = self.select_on and ((o.eval_every and s % o.eval_every == 0) or s == total)
+                    if evaluate_now:
+                        ex, feats = self.inputs.evals[self.select_on]
+                        res, preds = evaluate(task, self.apply(state.params), ex, feats, self.labels)
+                        rec.update({f"eval_{self.select_on}_{k}": v for k, v in res.items()})
+                        if improves(res[metric], best):
+                            best, best_eval = res[metric], (res, preds)
+                            self._save_best(state.params, wd)
+                    log.add(rec, now=bool(evaluate_now))
+                    if o.stop_at_step is not None and s >= o.stop_at_step:
+                        stop.requested = True
+                    if (o.checkpoint_every and s % o.checkpoint_every == 0) or s == total or stop.requested:
+                        log.flush()  # metrics.jsonl holds every step the checkpoint holds
+                        ckpt.save(s, state, {"best": best}, manifest, force=stop.requested)
+                    if stop.requested:
+                        break
             log.flush()
-        finally:
+        finally:  # also on an error: in-flight checkpoint saves finish
+            ckpt.close()
             log.close()
+        if s < total:
+            logging.warning("stopped at step %d of %d with a checkpoint; rerun the same command to resume", s, total)
+            return {"steps": total, "step": s, "stopped_early": True, "workdir": str(wd)}
         if not self.select_on:
-            self._save_best(params, wd)
-        self.params = params
+            self._save_best(state.params, wd)
+        self.params = state.params
         best_params = None
         results = {}
         for name, (ex, feats) in self.inputs.evals.items():
-            if name == self.select_on:  # scored when it was saved
+            if name == self.select_on and best_eval is not None:  # scored when it was saved
                 res, preds = best_eval
             else:
-                best_params = best_params or convert.load(wd / "best")[2]
+                if best_params is None:
+                    best_params = jax.device_put(convert.load(wd / "best")[2], self.state_sh.params)
                 res, preds = evaluate(task, self.apply(best_params), ex, feats, self.labels)
             results[name] = res
-            write_eval(task, wd / "eval", name, res, ex, preds, self.labels)
+            if chief:
+                write_eval(task, wd / "eval", name, res, ex, preds, self.labels)
         summary = {"steps": total, "best": {metric: best}, "selected_on": self.select_on,
-                   "eval": results, "final_train_loss": log.last["loss"], "workdir": str(wd)}
-        (wd / "results.json").write_text(json.dumps(summary, indent=1))
+                   "eval": results, "final_train_loss": last_loss(wd / "metrics.jsonl"), "workdir": str(wd)}
+        if chief:
+            (wd / "results.json").write_text(json.dumps(summary, indent=1))
         return summary
 
     def _save_best(self, params, wd: pathlib.Path) -> None:
+        """best/: our checkpoint folder of `params` (gathered from every process; process 0
+        writes it), replaced atomically."""
+        host = multihost_utils.process_allgather(params, tiled=True)
+        if jax.process_index() != 0:
+            return
         tmp = wd / "best.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        convert.save_ours(tmp, self.cfg, self.mtask, jax.device_get(params), self.tok_dir,
+        convert.save_ours(tmp, self.cfg, self.mtask, host, self.tok_dir,
                           source=f"finetune of {self.o.init_checkpoint}", labels=self.labels)
         (tmp / TASK_FILE).write_text(json.dumps(run_record(self.o), indent=1))
         shutil.rmtree(wd / "best", ignore_errors=True)
@@ -318,10 +392,14 @@ class Finetuner:
 
 
 RUN_RECORD = "run.json"
-RUN_OUTPUTS = ("metrics.jsonl", "results.json", "eval", "best", "best.tmp")
+RUN_OUTPUTS = ("metrics.jsonl", "results.json", "eval", "best", "best.tmp", "checkpoints",
+               "checkpoints.corrupt")
 
 
-NOT_RECORDED = ("workdir", "progress_bar")   # neither changes what a run computes
+# Options that do not change what a run computes (the mesh only its float rounding): a
+# rerun may change them, e.g. resume on another mesh.
+NOT_RECORDED = ("workdir", "progress_bar", "mesh_data", "mesh_fsdp", "mesh_tensor", "checkpoint_every",
+                "keep_checkpoints", "async_checkpoint", "stop_at_step")
 
 
 def run_record(o: FinetuneOptions) -> dict:
@@ -339,10 +417,11 @@ def loss_fn(kind: str, model, params, batch, rng, deterministic=False):
 def check_workdir(wd: pathlib.Path, o: FinetuneOptions) -> dict | None:
     """A workdir holds one run. One of another run (other options) is refused, naming the
     options that differ; a finished one of this run returns its results; an unfinished one
-    starts over cleanly (its partial outputs are removed, so metrics.jsonl never mixes two
-    runs) and None is returned."""
+    with a checkpoint resumes from it; one without starts over cleanly (its partial outputs
+    are removed, so metrics.jsonl never mixes two runs). Only process 0 changes files."""
     record = wd / RUN_RECORD
     new = run_record(o)
+    chief = jax.process_index() == 0
     if record.exists():
         old = json.loads(record.read_text())
         diff = [f"--{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
@@ -352,16 +431,19 @@ def check_workdir(wd: pathlib.Path, o: FinetuneOptions) -> dict | None:
                                 "use a new --workdir")
         if (wd / "results.json").exists():
             return json.loads((wd / "results.json").read_text())
+        if checkpoint.has_checkpoint(wd):
+            return None
     elif any((wd / name).exists() for name in RUN_OUTPUTS):
         raise FinetuneError(f"--workdir={wd} holds outputs of a run with no record ({RUN_RECORD}); "
                             "use a new --workdir")
-    for name in RUN_OUTPUTS:
-        path = wd / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    record.write_text(json.dumps(new, indent=1))
+    if chief:
+        for name in RUN_OUTPUTS:
+            path = wd / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        record.write_text(json.dumps(new, indent=1))
     return None
 
 
@@ -403,8 +485,9 @@ class StepLog:
     of `every` steps is written, so logging does not stall asynchronous dispatch. `bar`
     (tqdm or None) advances every step and shows the last written loss."""
 
-    def __init__(self, path: pathlib.Path, every: int = 100, bar=None):
+    def __init__(self, path: pathlib.Path, every: int = 100, bar=None, write: bool = True):
         self.path, self.every, self.pending, self.last, self.bar = path, every, [], None, bar
+        self.write = write  # False on processes other than 0: check, but write nothing
 
     def add(self, rec: dict, now: bool = False) -> None:
         self.pending.append(rec)
@@ -416,10 +499,11 @@ class StepLog:
     def flush(self) -> None:
         if not self.pending:
             return
-        with open(self.path, "a") as f:
+        with open(self.path, "a") if self.write else contextlib.nullcontext() as f:
             for rec in self.pending:
                 rec = dict(rec, loss=float(rec["loss"]))
-                f.write(json.dumps(rec) + "\n")
+                if self.write:
+                    f.write(json.dumps(rec) + "\n")
                 if not np.isfinite(rec["loss"]):
                     self.pending = []
                     raise FinetuneError(
@@ -432,6 +516,22 @@ class StepLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def keep_metrics_until(path: pathlib.Path, step: int) -> None:
+    """Drop metrics.jsonl lines after `step` (written after the checkpoint a run resumes
+    from), so that every step appears once."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+        path.write_text("".join(l + "\n" for l in lines))
+
+
+def last_loss(path: pathlib.Path) -> float | None:
+    """The training loss of the last step in metrics.jsonl."""
+    if not path.exists():
+        return None
+    losses = [json.loads(l) for l in path.read_text().splitlines() if l]
+    return next((r["loss"] for r in reversed(losses) if "loss" in r), None)
 
 
 def batch_order(n: int, batch_size: int, total: int, seed: int):

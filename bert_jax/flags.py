@@ -360,7 +360,16 @@ def define_finetune_flags(fv: flags.FlagValues = FLAGS) -> None:
     D.DEFINE_float("dropout", None, "Override the checkpoint's dropout.", flag_values=fv)
     D.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.", flag_values=fv)
     D.DEFINE_bool("progress_bar", True, "Show a progress bar.", flag_values=fv)
+    D.DEFINE_integer("mesh_data", -1, "Data-parallel mesh axis size (-1 = the rest).", flag_values=fv)
+    D.DEFINE_integer("mesh_fsdp", 1, "FSDP mesh axis size.", flag_values=fv)
+    D.DEFINE_integer("mesh_tensor", 1, "Tensor-parallel mesh axis size.", flag_values=fv)
+    D.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints (0: only at the end); a rerun "
+                     "on the same --workdir resumes from the last one.", lower_bound=0, flag_values=fv)
+    D.DEFINE_integer("keep_checkpoints", 2, "Checkpoints kept.", lower_bound=1, flag_values=fv)
+    D.DEFINE_bool("async_checkpoint", True, "Save checkpoints in the background.", flag_values=fv)
+    D.DEFINE_integer("stop_at_step", None, "Checkpoint and exit at this step, keeping the schedule.", flag_values=fv)
     define_determinism_flag(fv)
+    define_distributed_flags(fv)
     flags.mark_flags_as_required(["task", "init_checkpoint", "train_file", "workdir"], flag_values=fv)
 
 
@@ -378,7 +387,8 @@ def finetune_options(argv=None, fv: flags.FlagValues = FLAGS):
              "max_query_length", "max_answer_length", "n_best", "null_threshold", "batch_size",
              "learning_rate", "epochs", "warmup_proportion", "weight_decay", "eval_every",
              "best_metric", "max_train_examples", "dropout", "dtype", "select_on", "header",
-             "encoding", "progress_bar")
+             "encoding", "progress_bar", "mesh_data", "mesh_fsdp", "mesh_tensor", "checkpoint_every",
+             "keep_checkpoints", "async_checkpoint", "stop_at_step")
     return FinetuneOptions(eval_files=tuple(evals), labels=tuple(fv.labels),
                            **{n: fv[n].value for n in names})
 

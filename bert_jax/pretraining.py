@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import shutil
-import signal
 import time
 from typing import Any
 
@@ -186,29 +184,6 @@ def make_source(o: PretrainOptions, cfg: ModelConfig, tok: Tokenizer, tok_dir, c
                                  jax.process_index(), jax.process_count())
 
 
-class _Stop:
-    """SIGTERM sets a flag; the loop checkpoints at its current step and exits."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread (e.g. called from a test thread)
-            self._old = None
-        return self
-
-    def _handler(self, signum, frame):
-        logging.warning("SIGTERM: checkpointing at the current step, then exiting")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
 def _write_jsonl(path: pathlib.Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -240,21 +215,9 @@ def run(o: PretrainOptions) -> dict:
 
 
 def check_batch(o: PretrainOptions, mesh) -> None:
-    """The global batch is placed split over the data-parallel devices (data x fsdp) and
-    the processes, and cut into --grad_accum microbatches: checked before any tokenizer or
-    cache is built. Microbatches that do not split evenly over the devices still run (XLA
-    reshards them) but leave devices idle: a warning."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    need = math.lcm(shards, jax.process_count(), o.grad_accum)
-    if o.batch_size % need:
-        raise ConfigError(
-            f"--batch_size={o.batch_size} must divide evenly into --grad_accum={o.grad_accum} microbatches, "
-            f"over the {shards} data-parallel devices (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}, "
-            f"tensor={mesh.shape['tensor']}) and over the {jax.process_count()} process(es): "
-            f"use a multiple of {need}")
-    if (o.batch_size // o.grad_accum) % shards:
-        logging.warning("microbatches of %d rows do not split over the %d data-parallel devices: "
-                        "XLA reshards them and some devices idle", o.batch_size // o.grad_accum, shards)
+    """--batch_size against the mesh, processes and --grad_accum, before any tokenizer or
+    cache is built (train.check_batch)."""
+    train.check_batch(o.batch_size, o.grad_accum, mesh)
 
 
 def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
@@ -310,7 +273,7 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     acc: dict[str, float] = {}
     n_acc = 0
     try:
-        with _Stop() as stop, jax.set_mesh(mesh):
+        with train.StopOnSigterm() as stop, jax.set_mesh(mesh):
             step = start
             while step < o.train_steps:
                 batch, data_state_now = next(prefetch)

@@ -15,6 +15,7 @@ import math
 
 import jax
 import numpy as np
+from absl import logging
 from flax import linen as nn
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -57,6 +58,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
         if len(devices) % known:
             raise ValueError(f"mesh: {len(devices)} devices are not divisible by fsdp*tensor*data={known}")
         sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) < len(devices) and jax.process_count() == 1:
+        logging.warning("mesh: data*fsdp*tensor=%s uses %d of the %d devices", sizes, math.prod(sizes), len(devices))
+        devices = devices[:math.prod(sizes)]
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh: data*fsdp*tensor={sizes} uses {math.prod(sizes)} devices, "
                          f"but {len(devices)} are present")

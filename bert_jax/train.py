@@ -11,18 +11,21 @@ accumulation gives the big batch's loss and gradient exactly.
 
 from __future__ import annotations
 
+import math
+import signal
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bert_jax import sharding
-from bert_jax.config import ModelConfig
-from bert_jax.heads import PreTrainingModel
+from bert_jax.config import ConfigError, ModelConfig
+from bert_jax.heads import PreTrainingModel, build_model
 
 
 @flax.struct.dataclass
@@ -35,8 +38,9 @@ class TrainState:
     nonfinite_streak: jax.Array    # consecutive skipped updates
 
 
-def _init_boxed(cfg: ModelConfig, tx: optax.GradientTransformation, seq_len: int, rng):
-    model = PreTrainingModel(cfg)
+def _init_boxed(cfg: ModelConfig, tx: optax.GradientTransformation, seq_len: int, rng,
+                task: str = "pretraining"):
+    model = build_model(cfg, task)
     init_rng, run_rng = jax.random.split(rng)
     params = model.init(init_rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
@@ -44,20 +48,48 @@ def _init_boxed(cfg: ModelConfig, tx: optax.GradientTransformation, seq_len: int
                       nonfinite_streak=jnp.zeros((), jnp.int32))
 
 
-def state_shardings(cfg: ModelConfig, tx, seq_len: int, mesh) -> tuple[Any, Any]:
-    """(abstract unboxed state, its NamedShardings)."""
-    boxed = jax.eval_shape(lambda r: _init_boxed(cfg, tx, seq_len, r), jax.random.key(0))
+def state_shardings(cfg: ModelConfig, tx, seq_len: int, mesh, task: str = "pretraining") -> tuple[Any, Any]:
+    """(abstract unboxed state, its NamedShardings) of the `task` model (heads.TASKS)."""
+    boxed = jax.eval_shape(lambda r: _init_boxed(cfg, tx, seq_len, r, task), jax.random.key(0))
     return nn.unbox(boxed), nn.unbox(sharding.mesh_shardings(boxed, mesh))
 
 
-def create_state(cfg: ModelConfig, tx, seq_len: int, seed: int, mesh, shard=None) -> TrainState:
+def create_state(cfg: ModelConfig, tx, seq_len: int, seed: int, mesh, shard=None,
+                 task: str = "pretraining") -> TrainState:
     """The initial state, born sharded (`shard`: state_shardings' second result, if the
     caller has it already)."""
     if shard is None:
-        _, shard = state_shardings(cfg, tx, seq_len, mesh)
-    init = jax.jit(lambda r: nn.unbox(_init_boxed(cfg, tx, seq_len, r)), out_shardings=shard)
+        _, shard = state_shardings(cfg, tx, seq_len, mesh, task)
+    init = jax.jit(lambda r: nn.unbox(_init_boxed(cfg, tx, seq_len, r, task)), out_shardings=shard)
     with jax.set_mesh(mesh):
         return init(jax.random.key(seed))
+
+
+def check_batch(batch_size: int, grad_accum: int, mesh) -> None:
+    """The global batch is placed split over the data-parallel devices (data x fsdp) and
+    the processes, and cut into `grad_accum` microbatches: checked before any data is
+    read. Microbatches that do not split evenly over the devices still run (XLA reshards
+    them) but leave devices idle: a warning."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    need = math.lcm(shards, jax.process_count(), grad_accum)
+    if batch_size % need:
+        raise ConfigError(
+            f"--batch_size={batch_size} must divide evenly into --grad_accum={grad_accum} microbatches, "
+            f"over the {shards} data-parallel devices (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}, "
+            f"tensor={mesh.shape['tensor']}) and over the {jax.process_count()} process(es): "
+            f"use a multiple of {need}")
+    if (batch_size // grad_accum) % shards:
+        logging.warning("microbatches of %d rows do not split over the %d data-parallel devices: "
+                        "XLA reshards them and some devices idle", batch_size // grad_accum, shards)
+
+
+def global_batch(arrays: dict, rows, batch_sharding_fn: Callable[[int], NamedSharding]) -> dict:
+    """The global batch of `rows` (indices into `arrays`, which every process holds
+    whole) as sharded arrays; each process places only its own contiguous share."""
+    n, p, i = len(rows), jax.process_count(), jax.process_index()
+    mine = rows[i * n // p:(i + 1) * n // p]
+    return {k: jax.make_array_from_process_local_data(batch_sharding_fn(v.ndim), v[mine], (n,) + v.shape[1:])
+            for k, v in arrays.items()}
 
 
 # ---------------------------------------------------------------------------- loss ----
@@ -114,29 +146,42 @@ def summarize(m: dict) -> dict:
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, grad_accum: int,
                     state_sharding, batch_sharding_fn: Callable[[int], NamedSharding],
                     example_batch: dict, mesh):
-    """jit(step)(state, batch) -> (state, metrics). `batch` leading dim is the global
-    batch; with grad_accum = A it is split into A microbatches scanned in order."""
+    """The pretraining step: make_step with pretraining_loss."""
+    return make_step(lambda params, mb, rng, den: pretraining_loss(cfg, params, mb, rng, denominators=den),
+                     tx, grad_accum, state_sharding, batch_sharding_fn, example_batch, mesh,
+                     loss_denominators)
 
+
+def make_step(loss_fn: Callable, tx: optax.GradientTransformation, grad_accum: int, state_sharding,
+              batch_sharding_fn: Callable[[int], NamedSharding], example_batch: dict, mesh,
+              denominators_fn: Callable | None = None):
+    """jit(step)(state, batch) -> (state, metrics), for any loss:
+    `loss_fn(params, microbatch, dropout_rng, denominators) -> (loss, metrics of sums)`,
+    with `denominators_fn(batch)` the whole batch's counts (None: each microbatch's loss
+    is a mean and is averaged over the microbatches). `batch` leading dim is the global
+    batch; with grad_accum = A it is split into A microbatches scanned in order."""
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+        scale = 1.0 if denominators_fn else 1.0 / grad_accum
 
         def micro(carry, mb_and_i):
             g_acc, m_acc = carry
             mb, i = mb_and_i
-            grad_fn = jax.value_and_grad(pretraining_loss, argnums=1, has_aux=True)
-            (loss, m), g = grad_fn(cfg, state.params, mb, jax.random.fold_in(rng, i),
-                                   denominators=denominators)
-            g_acc = jax.tree.map(jnp.add, g_acc, g)
-            m = dict(m, loss=loss)
+            grad_fn = jax.value_and_grad(loss_fn, argnums=0, has_aux=True)
+            (loss, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), denominators)
+            g_acc = jax.tree.map(lambda a, b: a + b * scale, g_acc, g)
+            m = dict(m, loss=loss * scale)
             m_acc = jax.tree.map(jnp.add, m_acc, m)
             return (g_acc, m_acc), None
 
-        denominators = loss_denominators(batch)  # global counts: sums divided once
+        # global counts: sums divided once
+        denominators = denominators_fn(batch) if denominators_fn else None
         split = lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:])
         micro_batches = jax.tree.map(split, batch)
         zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-        m_shape = jax.eval_shape(lambda: pretraining_loss(
-            cfg, state.params, jax.tree.map(lambda x: x[0], micro_batches), rng)[1])
+        m_shape = jax.eval_shape(lambda: loss_fn(
+            state.params, jax.tree.map(lambda x: x[0], micro_batches), rng, denominators)[1])
         zeros_m = {k: jnp.zeros((), jnp.float32) for k in list(m_shape) + ["loss"]}
         (grads, metrics), _ = jax.lax.scan(micro, (zeros_g, zeros_m),
                                            (micro_batches, jnp.arange(grad_accum)))
@@ -167,3 +212,27 @@ def make_eval_step(cfg: ModelConfig):
     def step(params, batch):
         return pretraining_loss(cfg, params, batch, None, deterministic=True)[1]
     return jax.jit(step)
+
+
+# ------------------------------------------------------------ run plumbing ----
+class StopOnSigterm:
+    """SIGTERM sets a flag; the loop checkpoints at its current step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread (e.g. called from a test thread)
+            self._old = None
+        return self
+
+    def _handler(self, signum, frame):
+        logging.warning("SIGTERM: checkpointing at the current step, then exiting")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)

@@ -61,7 +61,7 @@ def test_training_steps_equal_hugging_face(task, shared_data, tiny_hf, tmp_path)
     extra = {"max_seq_length": 48, **extra}
     o = FinetuneOptions(task=task, init_checkpoint=str(tiny_hf), train_file=str(make(shared_data, tmp_path / "train")),
                         workdir=str(tmp_path / "ours"), batch_size=8, learning_rate=2e-3, epochs=2,
-                        warmup_proportion=0.3, dropout=0.0, **extra)
+                        warmup_proportion=0.3, dropout=0.0, mesh_data=1, progress_bar=False, **extra)
     ours = Finetuner(o)
     peer = HFPeer(dataclasses.replace(o, workdir=str(tmp_path / "hf")))
     state = {k: torch.from_numpy(np.array(v)) for k, v in rename.to_hf(ours.params, ours.cfg, ours.mtask).items()}

@@ -35,7 +35,7 @@ def finetune(ckpt, wd, task, train, evals, **kw):
     o = FinetuneOptions(task=task, init_checkpoint=str(ckpt), train_file=str(train), workdir=str(wd),
                         eval_files=tuple((k, str(v)) for k, v in evals.items()), select_on=next(iter(evals)), batch_size=16,
                         learning_rate=3e-3, epochs=kw.pop("epochs", 2), warmup_proportion=0.1,
-                        progress_bar=False, **kw)
+                        progress_bar=False, mesh_data=1, **kw)
     return Finetuner(o).run()
 
 
