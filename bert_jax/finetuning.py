@@ -81,6 +81,7 @@ class FinetuneOptions:
     keep_checkpoints: int = 2
     async_checkpoint: bool = True
     stop_at_step: int | None = None          # checkpoint and exit there (as SIGTERM does)
+    unlogged_transfers: str = "allow"        # jax transfer guard on steps that write nothing
 
 
 class FinetuneError(ValueError):
@@ -324,26 +325,29 @@ class Finetuner:
             with train.StopOnSigterm() as stop, jax.set_mesh(mesh):
                 in_flight = None
                 for idx in order:
-                    state, m = step_fn(state, train.global_batch(self.train, idx, batch_sh))
-                    s += 1
-                    # At most two steps queued (no transfer: waiting is not copying). XLA's CPU
-                    # collectives can deadlock when many steps of an 8-device mesh are queued.
-                    if in_flight is not None:
-                        in_flight.block_until_ready()
-                    in_flight = m["loss"]
-                    rec = {"step": s, "loss": m["loss"], "learning_rate": float(lrs[s - 1])}
-                    evaluate_now = self.select_on and ((o.eval_every and s % o.eval_every == 0) or s == total)
-                    if evaluate_now:
-                        ex, feats = self.inputs.evals[self.select_on]
-                        res, preds = evaluate(task, self.apply(state.params), ex, feats, self.labels)
-                        rec.update({f"eval_{self.select_on}_{k}": v for k, v in res.items()})
-                        if improves(res[metric], best):
-                            best, best_eval = res[metric], (res, preds)
-                            self._save_best(state.params, wd)
-                    log.add(rec, now=bool(evaluate_now))
-                    if o.stop_at_step is not None and s >= o.stop_at_step:
-                        stop.requested = True
-                    if (o.checkpoint_every and s % o.checkpoint_every == 0) or s == total or stop.requested:
+                    nxt = s + 1
+                    evaluate_now = self.select_on and ((o.eval_every and nxt % o.eval_every == 0) or nxt == total)
+                    stop_here = stop.requested or (o.stop_at_step is not None and nxt >= o.stop_at_step)
+                    saves = (o.checkpoint_every and nxt % o.checkpoint_every == 0) or nxt == total or stop_here
+                    # A step that writes, evaluates and saves nothing copies nothing to the host.
+                    quiet = not (evaluate_now or saves or log.due())
+                    with (jax.transfer_guard_device_to_host(o.unlogged_transfers) if quiet
+                          else contextlib.nullcontext()):
+                        state, m = step_fn(state, train.global_batch(self.train, idx, batch_sh))
+                        in_flight = train.wait_previous(in_flight, m["loss"])
+                        s = nxt
+                        rec = {"step": s, "loss": m["loss"], "learning_rate": float(lrs[s - 1])}
+                        if evaluate_now:
+                            ex, feats = self.inputs.evals[self.select_on]
+                            res, preds = evaluate(task, self.apply(state.params), ex, feats, self.labels)
+                            rec.update({f"eval_{self.select_on}_{k}": v for k, v in res.items()})
+                            if improves(res[metric], best):
+                                best, best_eval = res[metric], (res, preds)
+                                self._save_best(state.params, wd)
+                        log.add(rec, now=bool(evaluate_now))
+                    if stop_here or stop.requested:  # at --stop_at_step, or SIGTERM during the step
+                        stop.requested = saves = True
+                    if saves:
                         log.flush()  # metrics.jsonl holds every step the checkpoint holds
                         ckpt.save(s, state, {"best": best}, manifest, force=stop.requested)
                     if stop.requested:
@@ -399,7 +403,7 @@ RUN_OUTPUTS = ("metrics.jsonl", "results.json", "eval", "best", "best.tmp", "che
 # Options that do not change what a run computes (the mesh only its float rounding): a
 # rerun may change them, e.g. resume on another mesh.
 NOT_RECORDED = ("workdir", "progress_bar", "mesh_data", "mesh_fsdp", "mesh_tensor", "checkpoint_every",
-                "keep_checkpoints", "async_checkpoint", "stop_at_step")
+                "keep_checkpoints", "async_checkpoint", "stop_at_step", "unlogged_transfers")
 
 
 def run_record(o: FinetuneOptions) -> dict:
@@ -488,6 +492,10 @@ class StepLog:
     def __init__(self, path: pathlib.Path, every: int = 100, bar=None, write: bool = True):
         self.path, self.every, self.pending, self.last, self.bar = path, every, [], None, bar
         self.write = write  # False on processes other than 0: check, but write nothing
+
+    def due(self) -> bool:
+        """Whether the next add writes (and so copies its losses to the host)."""
+        return len(self.pending) + 1 >= self.every
 
     def add(self, rec: dict, now: bool = False) -> None:
         self.pending.append(rec)

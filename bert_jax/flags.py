@@ -127,10 +127,18 @@ def define_pretrain_flags(fv: flags.FlagValues = FLAGS, required: bool = True) -
     D.DEFINE_integer("max_nonfinite_streak", 10, "Stop after this many non-finite steps in a row.", flag_values=fv)
     D.DEFINE_bool("progress_bar", True, "Show a progress bar.", flag_values=fv)
     D.DEFINE_integer("stop_at_step", None, "Checkpoint and exit at this step, keeping the schedule of --train_steps.", flag_values=fv)
+    define_unlogged_transfers_flag(fv)
     define_determinism_flag(fv)
     define_distributed_flags(fv)
     if required:
         flags.mark_flags_as_required(["workdir", "corpus"], flag_values=fv)
+
+
+def define_unlogged_transfers_flag(fv: flags.FlagValues = FLAGS) -> None:
+    flags.DEFINE_enum("unlogged_transfers", "allow", ["allow", "log", "disallow"],
+                      "JAX's device-to-host transfer guard on steps that log, evaluate and save "
+                      "nothing: `log` or `disallow` find a stray copy that stalls the step pipeline.",
+                      flag_values=fv)
 
 
 def define_determinism_flag(fv: flags.FlagValues = FLAGS) -> None:
@@ -216,7 +224,7 @@ def pretrain_options(argv=None, fv: flags.FlagValues = FLAGS):
              "short_seq_prob", "max_examples_per_row", "batch_size", "grad_accum", "train_steps",
              "seed", "mesh_data", "mesh_fsdp", "mesh_tensor", "checkpoint_every",
              "keep_checkpoints", "async_checkpoint", "log_every", "eval_every", "eval_batches",
-             "max_nonfinite_streak", "progress_bar", "stop_at_step")
+             "max_nonfinite_streak", "progress_bar", "stop_at_step", "unlogged_transfers")
     try:
         return PretrainOptions(**{n: fv[n].value for n in names}, model_overrides=model_overrides(fv),
                                optim=optim_config(fv), resolved_flags=resolved(fv))
@@ -368,6 +376,7 @@ def define_finetune_flags(fv: flags.FlagValues = FLAGS) -> None:
     D.DEFINE_integer("keep_checkpoints", 2, "Checkpoints kept.", lower_bound=1, flag_values=fv)
     D.DEFINE_bool("async_checkpoint", True, "Save checkpoints in the background.", flag_values=fv)
     D.DEFINE_integer("stop_at_step", None, "Checkpoint and exit at this step, keeping the schedule.", flag_values=fv)
+    define_unlogged_transfers_flag(fv)
     define_determinism_flag(fv)
     define_distributed_flags(fv)
     flags.mark_flags_as_required(["task", "init_checkpoint", "train_file", "workdir"], flag_values=fv)
@@ -388,7 +397,7 @@ def finetune_options(argv=None, fv: flags.FlagValues = FLAGS):
              "learning_rate", "epochs", "warmup_proportion", "weight_decay", "eval_every",
              "best_metric", "max_train_examples", "dropout", "dtype", "select_on", "header",
              "encoding", "progress_bar", "mesh_data", "mesh_fsdp", "mesh_tensor", "checkpoint_every",
-             "keep_checkpoints", "async_checkpoint", "stop_at_step")
+             "keep_checkpoints", "async_checkpoint", "stop_at_step", "unlogged_transfers")
     return FinetuneOptions(eval_files=tuple(evals), labels=tuple(fv.labels),
                            **{n: fv[n].value for n in names})
 

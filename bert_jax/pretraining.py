@@ -6,6 +6,7 @@ state, trains with periodic evaluation and checkpoints, and returns a summary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -61,6 +62,7 @@ class PretrainOptions:
     max_nonfinite_streak: int = 10
     progress_bar: bool = True
     stop_at_step: int | None = None         # checkpoint and exit early (schedule unchanged)
+    unlogged_transfers: str = "allow"       # jax transfer guard on steps that log nothing
     resolved_flags: str = ""
 
 
@@ -75,7 +77,7 @@ class PretrainError(RuntimeError):
 RESUME_MAY_CHANGE = frozenset({
     "workdir", "heldout_corpus", "cache_dir", "train_steps", "stop_at_step", "mesh_data", "mesh_fsdp",
     "mesh_tensor", "checkpoint_every", "keep_checkpoints", "async_checkpoint", "log_every",
-    "eval_every", "eval_batches", "max_nonfinite_streak", "progress_bar", "scan_layers",
+    "eval_every", "eval_batches", "max_nonfinite_streak", "progress_bar", "unlogged_transfers", "scan_layers",
     "remat_policy", "attention_impl"})
 OPTIM_FLAGS = {"optimizer": "optimizer", "learning_rate": "learning_rate", "warmup_steps": "warmup_steps",
                "decay_power": "decay_power", "weight_decay": "weight_decay", "b1": "adam_b1",
@@ -269,33 +271,51 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     bar = _progress(o, start)
     summary: dict[str, Any] = {}
     last_saved, data_state_now = start, data_state
-    t_last, tokens_since = time.perf_counter(), 0.0
-    acc: dict[str, float] = {}
-    n_acc = 0
+    t_last = time.perf_counter()
+    acc = None  # metrics summed on the device since the last logged step
+    in_flight = None
     try:
         with train.StopOnSigterm() as stop, jax.set_mesh(mesh):
             step = start
             while step < o.train_steps:
                 batch, data_state_now = next(prefetch)
-                state, m = step_fn(state, batch)
-                step += 1
-                m = jax.device_get(m)
-                for k, v in m.items():
-                    acc[k] = acc.get(k, 0.0) + float(v)
-                n_acc += 1
-                tokens_since += float(m["real_tokens"])
-                if int(state.nonfinite_streak) >= o.max_nonfinite_streak:
+                nxt = step + 1
+                logs = nxt % o.log_every == 0 or nxt == o.train_steps
+                evals = held is not None and (nxt % o.eval_every == 0 or nxt == o.train_steps)
+                stop_here = stop.requested or (o.stop_at_step is not None and nxt >= o.stop_at_step)
+                saves = nxt % o.checkpoint_every == 0 or nxt == o.train_steps or stop_here
+                # A step that logs, evaluates or saves nothing copies nothing to the host, so
+                # dispatch runs ahead of the device (--unlogged_transfers=disallow checks it).
+                quiet = not (logs or evals or saves)
+                with (jax.transfer_guard_device_to_host(o.unlogged_transfers) if quiet
+                      else contextlib.nullcontext()):
+                    state, m = step_fn(state, batch)
+                    acc = train.accumulate(acc, m, state.nonfinite_streak)
+                    in_flight = train.wait_previous(in_flight, m["loss"])
+                step = nxt
+                if bar:
+                    bar.update(1)
+                if stop.requested:  # SIGTERM during the step: save here
+                    stop_here = saves = True
+                elif quiet:
+                    continue
+                host = {k: float(v) for k, v in jax.device_get(acc).items()}
+                if host["worst_streak"] >= o.max_nonfinite_streak:
                     raise PretrainError(
                         f"step {step}: {o.max_nonfinite_streak} non-finite losses, gradients or updated params in a row "
                         f"(updates skipped, nothing non-finite saved); "
                         f"stopping. Last good checkpoint: {ckpt.dir / str(last_saved) if last_saved else 'none'}")
-                if not m["finite"]:
-                    logging.warning("step %d: non-finite loss, gradient or updated params; update skipped", step)
-                if step % o.log_every == 0 or step == o.train_steps:
+                skipped = int(round(host["steps"] - host["finite"]))
+                if skipped:
+                    logging.warning("steps %d-%d: %d non-finite loss(es), gradient(s) or updated params; "
+                                    "those updates were skipped", step - int(host["steps"]) + 1, step, skipped)
+                if logs:
                     now = time.perf_counter()
-                    rec = dict(step=step, loss=acc["loss"] / n_acc, learning_rate=float(lr_fn(step)),
-                               tokens_per_s=tokens_since / (now - t_last),
-                               nonfinite_total=int(state.nonfinite_total), **train.summarize(acc))
+                    n_acc = host.pop("steps")
+                    host.pop("worst_streak")
+                    rec = dict(step=step, loss=host["loss"] / n_acc, learning_rate=float(lr_fn(step)),
+                               tokens_per_s=host["real_tokens"] / (now - t_last),
+                               nonfinite_total=int(state.nonfinite_total), **train.summarize(host))
                     if chief:
                         _write_jsonl(metrics_path, rec)
                     if writer:
@@ -305,10 +325,8 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
                     if bar:
                         bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['learning_rate']:.2e}",
                                         tok_s=f"{rec['tokens_per_s']:.0f}")
-                    acc, n_acc, t_last, tokens_since = {}, 0, now, 0.0
-                if bar:
-                    bar.update(1)
-                if held and (step % o.eval_every == 0 or step == o.train_steps):
+                    acc, t_last = None, now
+                if evals:
                     ev = evaluate(eval_fn, state.params, held, o.eval_batches, batch_sh)
                     summary["heldout"] = ev
                     if chief:
@@ -317,9 +335,9 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
                         for k, v in ev.items():
                             writer.add_scalar(f"heldout/{k}", v, step)
                     logging.info("step %d held-out %s", step, ev)
-                if o.stop_at_step is not None and step >= o.stop_at_step:
+                if stop_here:
                     stop.requested = True
-                if step % o.checkpoint_every == 0 or step == o.train_steps or stop.requested:
+                if saves:
                     ckpt.save(step, state, data_state_now, manifest, force=stop.requested)
                     last_saved = step
                 if stop.requested:

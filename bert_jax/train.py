@@ -208,6 +208,31 @@ def make_step(loss_fn: Callable, tx: optax.GradientTransformation, grad_accum: i
                    donate_argnums=0)
 
 
+def wait_previous(previous, current):
+    """Wait for the previous step's result (a wait, not a copy) and return the current one:
+    at most two steps are queued. XLA's CPU collectives can deadlock when many steps of a
+    multi-device mesh are queued, and a bounded queue loses nothing on accelerators."""
+    if previous is not None:
+        previous.block_until_ready()
+    return current
+
+
+@jax.jit
+def _accumulate(acc, m, streak):
+    out = {k: acc[k] + v for k, v in m.items()}
+    out.update(steps=acc["steps"] + 1, worst_streak=jnp.maximum(acc["worst_streak"], streak))
+    return out
+
+
+def accumulate(acc: dict | None, m: dict, streak) -> dict:
+    """Step metrics summed on the device (no host copy), with the number of steps and the
+    longest run of non-finite updates seen; `acc` None starts a new sum."""
+    if acc is None:
+        acc = jax.tree.map(jnp.zeros_like, dict(m, steps=jnp.zeros((), jnp.float32),
+                                                worst_streak=jnp.zeros((), jnp.int32)))
+    return _accumulate(acc, m, streak)
+
+
 def make_eval_step(cfg: ModelConfig):
     def step(params, batch):
         return pretraining_loss(cfg, params, batch, None, deterministic=True)[1]

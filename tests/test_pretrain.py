@@ -519,3 +519,18 @@ def test_objective_is_a_flag_of_any_family(variant, objective, hf_class, tmp_pat
         theirs = model.eval()(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(types),
                               attention_mask=torch.tensor(mask)).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours)[0, :5], theirs[0, :5], atol=1e-4)
+
+
+def test_unlogged_steps_copy_nothing_to_the_host(tmp_path, monkeypatch, guarded_host_copies):
+    """Steps that log, evaluate and save nothing run under JAX's device-to-host transfer
+    guard set to disallow: the run completes, so the loop never waits on a copy there.
+    A copy slipped into such a step (float() of the loss) is caught."""
+    s = pretraining.run(options(tmp_path / "run", "--train_steps=8", "--log_every=4", "--eval_every=100",
+                                "--checkpoint_every=100", "--unlogged_transfers=disallow"))
+    assert s["step"] == 8 and sorted(losses(tmp_path / "run")) == [4, 8]
+    from bert_jax import train
+    real = train.wait_previous
+    monkeypatch.setattr(train, "wait_previous", lambda prev, cur: (float(cur), real(prev, cur))[1])
+    with pytest.raises(Exception, match="[Dd]isallowed device-to-host transfer"):
+        pretraining.run(options(tmp_path / "leak", "--train_steps=8", "--log_every=4", "--eval_every=100",
+                                "--checkpoint_every=100", "--unlogged_transfers=disallow"))
