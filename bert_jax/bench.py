@@ -25,6 +25,7 @@ import numpy as np
 
 from bert_jax import flags, optim, sharding, train
 from bert_jax.config import ModelConfig, variant
+from bert_jax.options import BenchOptions
 
 # bf16 dense peak TFLOP/s by device kind (vendor data sheets).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "V100": 125.0,
@@ -113,23 +114,19 @@ def xla_flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def main(argv):
-    fv = flags.FLAGS
-    flags._unparsed(argv)
-    flags.init_distributed()
-    overrides = dict(flags.model_overrides(fv))
-    cfg = variant(fv.variant).replace(**overrides)
-    ocfg = dataclasses.replace(flags.optim_config(fv), warmup_steps=1, train_steps=10**6)
-    mesh = sharding.make_mesh(fv.mesh_data, fv.mesh_fsdp, fv.mesh_tensor)
-    peak = peak_tflops(jax.devices()[0], fv.peak_tflops)
-    for seq in [int(s) for s in fv.seq_len] or [fv.max_seq_length]:
+def main(o: BenchOptions):
+    cfg = variant(o.model.variant).replace(**o.model.overrides())
+    ocfg = dataclasses.replace(o.optim, warmup_steps=1, train_steps=10**6)
+    mesh = sharding.make_mesh(o.mesh_data, o.mesh_fsdp, o.mesh_tensor)
+    peak = peak_tflops(jax.devices()[0], o.peak_tflops)
+    for seq in [int(s) for s in o.seq_len] or [o.max_seq_length]:
         cfg.check_sequence_length(seq, "--seq_len")
-        rec = bench_one(cfg, ocfg, fv.batch_size, seq, fv.masked_lm_prob, fv.grad_accum,
-                        fv.steps, fv.warmup, mesh, peak)
-        rec.update(variant=fv.variant, dtype=cfg.dtype, attention=cfg.attention_impl,
+        rec = bench_one(cfg, ocfg, o.batch_size, seq, o.masked_lm_prob, o.grad_accum,
+                        o.steps, o.warmup, mesh, peak)
+        rec.update(variant=o.model.variant, dtype=cfg.dtype, attention=cfg.attention_impl,
                    remat=cfg.remat_policy, scan=cfg.scan_layers)
         print(json.dumps(rec), flush=True)
 
 
 if __name__ == "__main__":
-    flags.run_job(main, flags.define_bench_flags)
+    flags.run_job(main, BenchOptions)

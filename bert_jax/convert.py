@@ -256,9 +256,7 @@ def export(checkpoint_dir: str | pathlib.Path, to_hf: str | pathlib.Path,
     return cfg, task
 
 
-def main(argv):
-    from bert_jax import flags
-    o = flags.convert_options(argv)
+def main(o):
     if o.from_hf:
         cfg, task, params, _ = load_hf(o.from_hf)
         save_ours(o.out, cfg, task, params, o.from_hf, source=str(o.from_hf),
@@ -271,4 +269,5 @@ def main(argv):
 
 if __name__ == "__main__":
     from bert_jax import flags as _flags
-    _flags.run_job(main, _flags.define_convert_flags)
+    from bert_jax.options import ConvertOptions
+    _flags.run_job(main, ConvertOptions)

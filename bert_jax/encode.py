@@ -117,9 +117,7 @@ def _encode_mixed(tok: Tokenizer, texts, pairs, max_length):
     return out
 
 
-def main(argv):
-    from bert_jax import flags
-    o = flags.encode_options(argv)
+def main(o):
     texts, pairs = read_inputs(o.input)
     feats = encode(o.checkpoint, texts, pairs, o.max_length, o.batch_size)
     out = pathlib.Path(o.output)
@@ -132,4 +130,5 @@ def main(argv):
 
 if __name__ == "__main__":
     from bert_jax import flags as _flags
-    _flags.run_job(main, _flags.define_encode_flags)
+    from bert_jax.options import EncodeOptions
+    _flags.run_job(main, EncodeOptions)

@@ -6,12 +6,10 @@
 import json
 
 from bert_jax import flags
+from bert_jax.options import FinetuneOptions
 
 
-def main(argv):
-    opts = flags.finetune_options(argv)
-    flags.apply_determinism()
-    flags.init_distributed()
+def main(opts: FinetuneOptions):
     from bert_jax.finetuning import Finetuner
     summary = Finetuner(opts).run()
     if summary.get("stopped_early"):
@@ -22,4 +20,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.run_job(main, flags.define_finetune_flags)
+    flags.run_job(main, FinetuneOptions)

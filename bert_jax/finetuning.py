@@ -33,55 +33,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from bert_jax import checkpoint, convert, finetune_tasks, optim, rename, sharding, train
 from bert_jax.finetune_tasks import INPUTS, Features, Task
 from bert_jax.heads import build_model, init_params
+from bert_jax.options import FinetuneOptions
 from bert_jax.tokenizer import Tokenizer
 
 TASKS = tuple(finetune_tasks.TASKS)
 TASK_FILE = "finetune.json"   # in best/: the options predict rebuilds the task from
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneOptions:
-    task: str
-    init_checkpoint: str
-    train_file: str
-    workdir: str
-    eval_files: tuple[tuple[str, str], ...] = ()
-    select_on: str | None = None             # eval set choosing the best params (default: the first)
-    seed: int = 0
-    text_column: str = "sentence"
-    pair_column: str | None = None
-    label_column: str = "label"
-    header: bool = True                      # TSV/CSV: first row names the columns
-    encoding: str = "utf-8"
-    labels: tuple[str, ...] = ()             # default: sorted labels of the train file
-    tag_scheme: str = "IOB2"                 # of the CoNLL files
-    output_scheme: str = "BIOES"             # what the tagger learns and decodes
-    max_seq_length: int = 128
-    doc_stride: int = 128
-    max_query_length: int = 64
-    max_answer_length: int = 30
-    n_best: int = 20
-    null_threshold: float | None = None      # SQuAD v2.0
-    batch_size: int = 32
-    learning_rate: float = 2e-5
-    epochs: float = 3.0
-    warmup_proportion: float = 0.1
-    weight_decay: float = 0.01
-    eval_every: int = 0                      # 0: at the end only
-    best_metric: str | None = None
-    max_train_examples: int | None = None    # subsample (seeded) for quick runs
-    dropout: float | None = None             # override the checkpoint's dropout
-    dtype: str = "float32"
-    progress_bar: bool = True
-    # Run machinery (none of these change what is computed, beyond float rounding of the mesh).
-    mesh_data: int = -1
-    mesh_fsdp: int = 1
-    mesh_tensor: int = 1
-    checkpoint_every: int = 500              # steps between checkpoints (0: only at the end)
-    keep_checkpoints: int = 2
-    async_checkpoint: bool = True
-    stop_at_step: int | None = None          # checkpoint and exit there (as SIGTERM does)
-    unlogged_transfers: str = "allow"        # jax transfer guard on steps that write nothing
 
 
 class FinetuneError(ValueError):

@@ -19,34 +19,13 @@ All: global-norm clipping first. Schedules:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-OPTIMIZERS = ("adamw", "adamw_bert", "lamb")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    optimizer: str = "adamw"
-    learning_rate: float = 1e-4
-    warmup_steps: int = 10000
-    train_steps: int = 1000000
-    decay_power: float = 1.0      # 1 = linear decay
-    weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-6
-    max_grad_norm: float = 1.0
-
-    def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer={self.optimizer!r}: must be one of {OPTIMIZERS}")
-        if self.warmup_steps > self.train_steps:
-            raise ValueError(f"--warmup_steps={self.warmup_steps} exceeds --train_steps={self.train_steps}")
+from bert_jax.options import OptimConfig
 
 
 def schedule(c: OptimConfig) -> optax.Schedule:

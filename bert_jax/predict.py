@@ -30,24 +30,12 @@ from bert_jax import convert, finetune_tasks
 from bert_jax.data.tasks import TaskDataError
 from bert_jax.finetuning import TASK_FILE, FinetuneOptions, run_model
 from bert_jax.heads import build_model
+from bert_jax.options import PredictOptions
 from bert_jax.tokenizer import Tokenizer
 
 
 class PredictError(ValueError):
     """The checkpoint or input cannot be used; the message names which and why."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PredictOptions:
-    checkpoint: str
-    input: str
-    output: str
-    batch_size: int = 64
-    # Read the input differently from the training files (None: as the run read them).
-    text_column: str | None = None
-    pair_column: str | None = None
-    header: bool | None = None
-    encoding: str | None = None
 
 
 def task_options(folder: pathlib.Path, o: PredictOptions) -> FinetuneOptions:
@@ -104,13 +92,12 @@ def predict(o: PredictOptions) -> dict:
     return {"task": fo.task, "rows": len(examples), "features": len(feats), "output": str(out_path)}
 
 
-def main(argv):
-    from bert_jax import flags
-    summary = predict(flags.predict_options(argv))
+def main(o: PredictOptions):
+    summary = predict(o)
     print(f"predict: {summary['rows']} {summary['task']} inputs -> {summary['output']}")
     print(json.dumps(summary))
 
 
 if __name__ == "__main__":
     from bert_jax import flags as _flags
-    _flags.run_job(main, _flags.define_predict_flags)
+    _flags.run_job(main, PredictOptions)

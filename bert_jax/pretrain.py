@@ -6,12 +6,10 @@
 import json
 
 from bert_jax import flags
+from bert_jax.options import PretrainOptions
 
 
-def main(argv):
-    opts = flags.pretrain_options(argv)
-    flags.apply_determinism()
-    flags.init_distributed()
+def main(opts: PretrainOptions):
     from bert_jax import pretraining
     summary = pretraining.run(opts)
     held = summary.get("heldout", {})
@@ -25,4 +23,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.run_job(main, flags.define_pretrain_flags)
+    flags.run_job(main, PretrainOptions)

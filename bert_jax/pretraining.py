@@ -19,51 +19,12 @@ import numpy as np
 from absl import logging
 
 from bert_jax import checkpoint as ckpt_lib
-from bert_jax import optim, sharding, train
+from bert_jax import optim, options, sharding, train
 from bert_jax.config import ConfigError, ModelConfig, variant
 from bert_jax.data import cache, corpus, instances, loader, masking
+from bert_jax.options import PretrainOptions
 from bert_jax.tokenizer import FAMILY_KIND, Tokenizer
 from bert_jax.tokenizer import copy_files as copy_tokenizer_files
-
-
-@dataclasses.dataclass(frozen=True)
-class PretrainOptions:
-    workdir: str
-    corpus: str
-    heldout_corpus: str | None = None
-    tokenizer: str | None = None            # folder; trained into workdir if absent
-    tokenizer_vocab_size: int = 8000        # when the tokenizer is trained here
-    lowercase: bool = True
-    cache_dir: str | None = None            # default <workdir>/cache
-    document_boundary: str = "file"
-    variant: str = "bert-tiny"
-    model_overrides: tuple[tuple[str, Any], ...] = ()
-    max_seq_length: int = 128
-    max_predictions_per_seq: int = 20
-    masked_lm_prob: float = 0.15
-    whole_word_masking: bool = False
-    max_ngram: int = 1
-    short_seq_prob: float = 0.1
-    max_examples_per_row: int = 1
-    batch_size: int = 32                    # global, all processes and microbatches
-    grad_accum: int = 1
-    train_steps: int = 1000
-    optim: optim.OptimConfig = optim.OptimConfig()
-    seed: int = 0
-    mesh_data: int = -1
-    mesh_fsdp: int = 1
-    mesh_tensor: int = 1
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    async_checkpoint: bool = True
-    log_every: int = 50
-    eval_every: int = 500
-    eval_batches: int = 10
-    max_nonfinite_streak: int = 10
-    progress_bar: bool = True
-    stop_at_step: int | None = None         # checkpoint and exit early (schedule unchanged)
-    unlogged_transfers: str = "allow"       # jax transfer guard on steps that log nothing
-    resolved_flags: str = ""
 
 
 class PretrainError(RuntimeError):
@@ -78,19 +39,13 @@ RESUME_MAY_CHANGE = frozenset({
     "workdir", "heldout_corpus", "cache_dir", "train_steps", "stop_at_step", "mesh_data", "mesh_fsdp",
     "mesh_tensor", "checkpoint_every", "keep_checkpoints", "async_checkpoint", "log_every",
     "eval_every", "eval_batches", "max_nonfinite_streak", "progress_bar", "unlogged_transfers", "scan_layers",
+    "coordinator_address", "num_processes", "process_id", "deterministic_gpu",
     "remat_policy", "attention_impl"})
-OPTIM_FLAGS = {"optimizer": "optimizer", "learning_rate": "learning_rate", "warmup_steps": "warmup_steps",
-               "decay_power": "decay_power", "weight_decay": "weight_decay", "b1": "adam_b1",
-               "b2": "adam_b2", "eps": "adam_eps", "max_grad_norm": "max_grad_norm"}
 
 
 def flag_record(o: PretrainOptions) -> dict[str, Any]:
     """The options as {flag name: value} (JSON values), as the run record stores them."""
-    out = {f.name: getattr(o, f.name) for f in dataclasses.fields(o)
-           if f.name not in ("optim", "model_overrides", "resolved_flags")}
-    out.update({flag: getattr(o.optim, field) for field, flag in OPTIM_FLAGS.items()})
-    out.update(dict(o.model_overrides))
-    return json.loads(json.dumps(out))
+    return json.loads(json.dumps(options.flat(o)))
 
 
 def check_resume(o: PretrainOptions, manifest: dict, tok: Tokenizer, where: pathlib.Path) -> None:
@@ -112,8 +67,8 @@ def check_resume(o: PretrainOptions, manifest: dict, tok: Tokenizer, where: path
 
 
 def model_config(o: PretrainOptions, tokenizer: Tokenizer) -> ModelConfig:
-    overrides = dict(o.model_overrides)
-    base = variant(o.variant)
+    overrides = o.model.overrides()
+    base = variant(o.model.variant)
     overrides.setdefault("vocab_size", tokenizer.vocab_size)
     overrides.setdefault("pad_token_id", tokenizer.pad_id)
     cfg = base.replace(**overrides)
@@ -159,7 +114,7 @@ def _prepare_tokenizer(o: PretrainOptions, workdir: pathlib.Path) -> tuple[Token
         copy_tokenizer_files(o.tokenizer, dest)
         return Tokenizer.load(dest), dest
     from bert_jax import vocab
-    kind = FAMILY_KIND[variant(o.variant).family]
+    kind = FAMILY_KIND[variant(o.model.variant).family]
     logging.info("no --tokenizer: training a %s vocabulary of %d on --corpus", kind, o.tokenizer_vocab_size)
     return vocab.train(kind, o.corpus, o.tokenizer_vocab_size, dest, lowercase=o.lowercase), dest
 

@@ -18,13 +18,11 @@ import math
 import pathlib
 
 import matplotlib
-from absl import app, flags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive back end)
 
-_RUNS = flags.DEFINE_string("runs", None, "Folder holding run folders (or one run).", required=True)
-_OUT = flags.DEFINE_string("out", None, "Folder to write report.md, report.csv and PNGs to.", required=True)
+from bert_jax.options import ReportOptions  # noqa: E402
 
 NAN = float("nan")
 
@@ -131,11 +129,11 @@ def report(runs: pathlib.Path, out: pathlib.Path) -> list[dict]:
     return rows
 
 
-def main(argv):
-    del argv
-    rows = report(pathlib.Path(_RUNS.value), pathlib.Path(_OUT.value))
-    print(f"report: {len(rows)} runs -> {pathlib.Path(_OUT.value) / 'report.md'}")
+def main(o: ReportOptions):
+    rows = report(pathlib.Path(o.runs), pathlib.Path(o.out))
+    print(f"report: {len(rows)} runs -> {pathlib.Path(o.out) / 'report.md'}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from bert_jax import flags
+    flags.run_job(main, ReportOptions)

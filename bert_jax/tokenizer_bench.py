@@ -8,27 +8,21 @@ for. Prints one JSON line.
 import json
 import time
 
-from absl import app, flags
-
 from bert_jax.data import corpus
+from bert_jax.options import TokenizerBenchOptions
 from bert_jax.tokenizer import Tokenizer
 
-_VOCAB = flags.DEFINE_string("vocab", None, "Tokenizer folder.", required=True)
-_CORPUS = flags.DEFINE_string("corpus", None, "Comma-separated globs.", required=True)
-_BATCH = flags.DEFINE_integer("batch_lines", 4096, "Lines per encode_batch call.")
 
-
-def main(argv):
-    del argv
-    tok = Tokenizer.load(_VOCAB.value)
-    files = corpus.expand(_CORPUS.value)
+def main(o: TokenizerBenchOptions):
+    tok = Tokenizer.load(o.vocab)
+    files = corpus.expand(o.corpus)
     t0 = time.perf_counter()
     n_bytes = sum(f.stat().st_size for f in files)
     n_lines = n_tokens = 0
     batch = []
     for line in corpus.iter_lines(files):
         batch.append(line)
-        if len(batch) == _BATCH.value:
+        if len(batch) == o.batch_lines:
             n_tokens += sum(len(ids) for ids, _ in tok.tokenize_batch(batch))
             n_lines += len(batch)
             batch = []
@@ -42,4 +36,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from bert_jax import flags
+    flags.run_job(main, TokenizerBenchOptions)

@@ -138,13 +138,12 @@ def _train_sentencepiece(files, vocab_size, lowercase) -> tuple[HFTokenizer, byt
     return sentencepiece_backend(model.getvalue(), lowercase), model.getvalue()
 
 
-def main(argv):
-    from bert_jax import flags
-    o = flags.vocab_options(argv)
+def main(o):
     train(o.kind, o.corpus, o.vocab_size, o.out, o.lowercase, o.extra_special_tokens)
     print(f"vocab: wrote {o.kind} tokenizer to {o.out}")
 
 
 if __name__ == "__main__":
     from bert_jax import flags as _flags
-    _flags.run_job(main, _flags.define_vocab_flags)
+    from bert_jax.options import VocabOptions
+    _flags.run_job(main, VocabOptions)

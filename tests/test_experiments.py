@@ -10,6 +10,7 @@ import pytest
 from absl import flags as absl_flags
 
 from bert_jax import flags
+from bert_jax.options import FinetuneOptions, PretrainOptions
 from bert_jax.config import variant
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -31,11 +32,11 @@ def test_pretrain_flag_file_parses_and_validates(path):
         assert field in text, f"{path.name}: header lacks {field}"
     assert path.name in text, f"{path.name}: the Command line should run this file"
     fv = absl_flags.FlagValues()
-    flags.define_pretrain_flags(fv, required=False)
+    flags.define(PretrainOptions, fv, required=False)
     fv([sys.argv[0], f"--flagfile={path}", "--workdir=/tmp/unused"])
-    opts = flags.pretrain_options(None, fv)
+    opts = flags.read(PretrainOptions, fv)
     assert opts.corpus, f"{path.name}: no --corpus"
-    cfg = variant(opts.variant).replace(**dict(opts.model_overrides))
+    cfg = variant(opts.model.variant).replace(**opts.model.overrides())
     cfg.check_sequence_length(opts.max_seq_length)
     assert opts.batch_size % opts.grad_accum == 0
     assert opts.optim.warmup_steps <= opts.train_steps
@@ -45,7 +46,7 @@ def test_misspelled_flag_in_a_flag_file_is_named(tmp_path):
     bad = tmp_path / "bad.flags"
     bad.write_text("--variant=bert-base\n--learnig_rate=1e-4\n")
     fv = absl_flags.FlagValues()
-    flags.define_pretrain_flags(fv, required=False)
+    flags.define(PretrainOptions, fv, required=False)
     with pytest.raises(absl_flags.Error, match="learnig_rate"):
         fv([sys.argv[0], f"--flagfile={bad}"])
 
@@ -64,9 +65,9 @@ def test_finetune_flag_file_parses(path, monkeypatch):
         assert field in text, f"{path.name}: header lacks {field}"
     monkeypatch.chdir(REPO)  # nested --flagfile paths are relative to the repo
     fv = absl_flags.FlagValues()
-    flags.define_finetune_flags(fv)
+    flags.define(FinetuneOptions, fv)
     fv([sys.argv[0], f"--flagfile={path}", "--init_checkpoint=/ckpt", "--workdir=/tmp/unused"])
-    o = flags.finetune_options(None, fv)
+    o = flags.read(FinetuneOptions, fv)
     assert o.eval_files and o.task in ("classification", "regression", "ner", "qa")
     if path.stem == "mrpc":
         assert o.text_column == "#1 String" and o.pair_column == "#2 String"

@@ -14,6 +14,7 @@ from absl import flags as absl_flags
 from bert_jax import checkpoint, convert, flags, pretraining, vocab
 from bert_jax.data import split
 from bert_jax.finetuning import Finetuner
+from bert_jax.options import FinetuneOptions, PretrainOptions
 from bert_jax.tokenizer import Tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def cache_dir(tmp_path_factory):
 def test_pretrain_flag_file_runs(path, tmp_path, spiece, cache_dir, shared_data, monkeypatch):
     monkeypatch.chdir(REPO)
     fv = absl_flags.FlagValues()
-    flags.define_pretrain_flags(fv)
+    flags.define(PretrainOptions, fv)
     extra = [f"--workdir={tmp_path / 'wd'}", *SHRINK, "--train_steps=2", "--warmup_steps=1",
              f"--corpus={BOOKS}/train/shakespeare-macbeth.txt,{BOOKS}/train/shakespeare-caesar.txt",
              f"--heldout_corpus={BOOKS}/heldout/carroll-alice.txt", "--eval_every=2", "--eval_batches=1",
@@ -56,7 +57,7 @@ def test_pretrain_flag_file_runs(path, tmp_path, spiece, cache_dir, shared_data,
         assert fv.tokenizer.startswith("/data/")  # a placeholder for the released model
         fv.tokenizer = str(spiece)
         fv.embedding_size = 16
-    o = flags.pretrain_options(None, fv)
+    o = flags.read(PretrainOptions, fv)
     s = pretraining.run(o)
     assert s["step"] == 2 and np.isfinite(s["heldout"]["mlm_loss"]), s
     cfg = checkpoint.read_config(tmp_path / "wd")
@@ -123,7 +124,7 @@ def small_squad(shared_data, out: pathlib.Path, articles: int, v2: bool) -> path
 def test_finetune_flag_file_runs(path, tmp_path, tiny_bert, shared_data, monkeypatch):
     monkeypatch.chdir(REPO)
     fv = absl_flags.FlagValues()
-    flags.define_finetune_flags(fv)
+    flags.define(FinetuneOptions, fv)
     extra = [f"--init_checkpoint={tiny_bert}", f"--workdir={tmp_path / 'wd'}", "--max_train_examples=16",
              "--batch_size=8", "--epochs=1"]
     if path.stem == "mrpc":  # its flag file reads the split tool's output
@@ -137,7 +138,7 @@ def test_finetune_flag_file_runs(path, tmp_path, tiny_bert, shared_data, monkeyp
         (tmp_path / "valid.txt").write_text("\n\n".join(lines) + "\n")
         extra.append(f"--eval_files=valid={tmp_path}/valid.txt")
     fv([sys.argv[0], f"--flagfile={path}", *extra])
-    o = flags.finetune_options(None, fv)
+    o = flags.read(FinetuneOptions, fv)
     s = Finetuner(o).run()
     assert s["steps"] == 2, s
     name = o.eval_files[0][0]

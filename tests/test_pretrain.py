@@ -18,6 +18,7 @@ from absl import flags as absl_flags
 from bert_jax import checkpoint, flags, pretraining
 from bert_jax.config import ConfigError
 from bert_jax.data.corpus import CorpusError
+from bert_jax.options import PretrainOptions
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / "experiments" / "tiny.flags"
@@ -39,10 +40,10 @@ def options(workdir, *extra):
     """PretrainOptions from experiments/tiny.flags plus overrides, through the real flag
     definitions (a private FlagValues)."""
     fv = absl_flags.FlagValues()
-    flags.define_pretrain_flags(fv)
+    flags.define(PretrainOptions, fv)
     fv([sys.argv[0], f"--flagfile={TINY}", f"--workdir={workdir}", f"--tokenizer={TOKENIZER}", *extra])
     os.chdir(REPO)  # flag files name corpus paths relative to the repo
-    return flags.pretrain_options(None, fv)
+    return flags.read(PretrainOptions, fv)
 
 
 def losses(workdir) -> dict[int, float]:
@@ -170,12 +171,12 @@ def test_roberta_learns_with_byte_level_bpe_and_factorized_embeddings(bpe_dir, t
     rows, whole-word masking), with E != H: the training loss falls over 40 steps on the
     bundled books, and the held-out MLM accuracy beats chance."""
     fv = absl_flags.FlagValues()
-    flags.define_pretrain_flags(fv)
+    flags.define(PretrainOptions, fv)
     fv([sys.argv[0], f"--flagfile={TINY}", f"--workdir={tmp_path}", f"--tokenizer={bpe_dir}",
         "--variant=roberta-base", "--max_position_embeddings=64", "--embedding_size=16",
         "--max_examples_per_row=2", "--whole_word_masking", "--train_steps=40", "--warmup_steps=4",
         "--learning_rate=3e-3", "--log_every=1", "--eval_every=40", "--checkpoint_every=40"])
-    s = pretraining.run(flags.pretrain_options(None, fv))
+    s = pretraining.run(flags.read(PretrainOptions, fv))
     cfg = checkpoint.read_config(tmp_path)
     assert cfg.family == "roberta" and cfg.embedding_size == 16 and cfg.pad_token_id == 1
     assert "sentence_accuracy" not in s["heldout"]
@@ -204,11 +205,11 @@ def test_resume_checks_the_run_record(tmp_path):
 def _options_trained_tokenizer(workdir, *extra):
     """Like options(), but the tokenizer is trained into the workdir (no --tokenizer)."""
     fv = absl_flags.FlagValues()
-    flags.define_pretrain_flags(fv)
+    flags.define(PretrainOptions, fv)
     fv([sys.argv[0], f"--flagfile={TINY}", f"--workdir={workdir}", "--train_steps=2", "--checkpoint_every=2",
         *extra])
     os.chdir(REPO)
-    return flags.pretrain_options(None, fv)
+    return flags.read(PretrainOptions, fv)
 
 
 def test_a_failed_run_leaves_no_stale_tokenizer(tmp_path):

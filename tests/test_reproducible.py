@@ -25,16 +25,17 @@ import os, sys
 os.chdir(sys.argv[2])
 from absl import flags as absl_flags
 from bert_jax import flags, pretraining
-from bert_jax.finetuning import FinetuneOptions, Finetuner
+from bert_jax.finetuning import Finetuner
+from bert_jax.options import FinetuneOptions, PretrainOptions
 out, sst2 = sys.argv[1], sys.argv[3]
 for family in ("bert", "roberta", "albert"):
     fv = absl_flags.FlagValues()
-    flags.define_pretrain_flags(fv)
+    flags.define(PretrainOptions, fv)
     fv(["x", "--flagfile=experiments/tiny.flags", f"--workdir={out}/{family}", f"--variant={family}-base",
         "--hidden_size=32", "--num_hidden_layers=2", "--num_attention_heads=4", "--intermediate_size=37",
         "--embedding_size=24", "--max_position_embeddings=40", "--train_steps=4", "--log_every=1",
         "--tokenizer_vocab_size=400", "--seed=7"])
-    pretraining.run(flags.pretrain_options(None, fv))
+    pretraining.run(flags.read(PretrainOptions, fv))
 Finetuner(FinetuneOptions(task="classification", init_checkpoint=f"{out}/bert", train_file=sst2,
                           workdir=f"{out}/ft", eval_files=(("dev", sst2),), batch_size=8, epochs=1,
                           max_seq_length=32, seed=7)).run()

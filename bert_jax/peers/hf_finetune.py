@@ -109,10 +109,9 @@ class HFPeer:
         return out.logits.float().cpu().numpy()
 
 
-def main(argv):
-    o = flags.finetune_options(argv)
+def main(o: FinetuneOptions):
     print(json.dumps(HFPeer(o).run()))
 
 
 if __name__ == "__main__":
-    flags.run_job(main, flags.define_finetune_flags)
+    flags.run_job(main, FinetuneOptions)

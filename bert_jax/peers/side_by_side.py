@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from bert_jax import flags
+from bert_jax.options import SideBySideOptions
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "finetune"
 SIDES = {"ours": "bert_jax.finetune", "hf": "bert_jax.peers.hf_finetune"}
@@ -112,8 +113,16 @@ def markdown(tasks: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv) -> int:
-    a = flags.side_by_side_options(argv)
+def main(a: SideBySideOptions, argv) -> int:
+    """`argv` after absl: positional NAME[:SEEDS] runs, then (after `--`) --flag=value
+    flags for every run."""
+    rest = list(argv[1:])
+    a = dataclasses.replace(a, runs=tuple(x for x in rest if not x.startswith("-")),
+                            extra=tuple(x for x in rest if x.startswith("-")))
+    if a.collect and a.runs:
+        raise flags.FlagError(f"--collect runs nothing; drop the runs {list(a.runs)}")
+    if not a.collect and not (a.runs and a.init_checkpoint):
+        raise flags.FlagError("give --init_checkpoint=HF_DIR and at least one run (e.g. sst2 mrpc:0,1,2), or --collect")
     out = pathlib.Path(a.out)
     if a.collect:
         runs = collect(out)
@@ -166,4 +175,4 @@ def write_summary(runs: list[Run], out: pathlib.Path) -> None:
 
 
 if __name__ == "__main__":
-    flags.run_job(lambda argv: sys.exit(main(argv)), flags.define_side_by_side_flags)
+    flags.run_job(lambda o, argv: sys.exit(main(o, argv)), SideBySideOptions, positional=True)

@@ -1,0 +1,93 @@
+"""Options are written once: each job's options dataclass generates its flags, one flag
+per option and one default (the field's), and library code never imports the flag layer."""
+
+import ast
+import dataclasses
+import pathlib
+import sys
+
+import pytest
+from absl import flags as absl_flags
+
+from bert_jax import flags, options
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+JOBS = {  # job module -> its options class
+    "pretrain": options.PretrainOptions, "finetune": options.FinetuneOptions,
+    "predict": options.PredictOptions, "vocab": options.VocabOptions, "encode": options.EncodeOptions,
+    "convert": options.ConvertOptions, "bench": options.BenchOptions, "report": options.ReportOptions,
+    "tokenizer_bench": options.TokenizerBenchOptions, "peers.side_by_side": options.SideBySideOptions,
+    "peers.hf_finetune": options.FinetuneOptions,
+}
+
+
+def job_flags(cls) -> dict:
+    fv = absl_flags.FlagValues()
+    flags.define(cls, fv)
+    return {name: fv[name] for name in fv}
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_every_option_has_one_flag_and_one_default(job):
+    cls = JOBS[job]
+    fields = list(flags.fields(cls))
+    names = [f.flag for f in fields]
+    assert len(names) == len(set(names)), f"{job}: two options share a flag"
+    defined = job_flags(cls)
+    assert set(defined) == set(names), f"{job}: flags without an option or options without a flag"
+    for f in fields:
+        default = f.field.default
+        flag_default = defined[f.flag].default
+        if isinstance(default, tuple):
+            flag_default = tuple(flag_default) if not f.field.metadata.get("parse") else f.field.metadata["parse"](flag_default)
+        assert flag_default == default, f"--{f.flag}: flag default {flag_default!r}, option default {default!r}"
+        assert defined[f.flag].help and defined[f.flag].help != f.flag, f"--{f.flag} has no help"
+    # Parsing nothing but the required flags gives the dataclass's defaults.
+    fv = absl_flags.FlagValues()
+    flags.define(cls, fv, required=False)
+    extra = ["--from_hf=a", "--out=b"] if cls is options.ConvertOptions else []
+    fv(["x", *extra])
+    got = flags.read(cls, fv)
+    want_kw = {"from_hf": "a", "out": "b"} if extra else {}
+    want = cls(**want_kw)
+    if hasattr(want, "resolved_flags"):
+        want = dataclasses.replace(want, resolved_flags=got.resolved_flags)
+    assert got == want
+
+
+def test_the_job_modules_use_their_options_class():
+    for job, cls in JOBS.items():
+        src = (REPO / "bert_jax" / (job.replace(".", "/") + ".py")).read_text()
+        assert "run_job(" in src and cls.__name__ in src, job
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    """bert_jax modules imported at module level (not under `if __name__ == ...`)."""
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in tree.body:
+        for sub in ([node] if isinstance(node, (ast.Import, ast.ImportFrom)) else []):
+            if isinstance(sub, ast.ImportFrom) and sub.module:
+                out |= {f"{sub.module}.{a.name}" for a in sub.names} | {sub.module}
+            elif isinstance(sub, ast.Import):
+                out |= {a.name for a in sub.names}
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.ImportFrom) and sub.module:
+                    out |= {f"{sub.module}.{a.name}" for a in sub.names} | {sub.module}
+    return out
+
+
+def test_library_code_never_imports_the_flag_layer():
+    job_files = {"pretrain.py", "finetune.py", "bench.py", "flags.py", "hf_finetune.py", "side_by_side.py"}
+    for path in (REPO / "bert_jax").rglob("*.py"):
+        if path.name in job_files:
+            continue
+        assert "bert_jax.flags" not in _imports(path), f"{path.relative_to(REPO)} imports the flag layer"
+    assert not {m for m in _imports(REPO / "bert_jax/options.py") if m.startswith("bert_jax")}
+
+
+def test_help_lists_the_jobs_own_flags():
+    import subprocess
+    out = subprocess.run([sys.executable, "-m", "bert_jax.vocab", "--help"], capture_output=True, text=True).stdout
+    assert "--vocab_size" in out and "--kind" in out and "--xla_" not in out
