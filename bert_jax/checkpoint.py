@@ -27,9 +27,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bert_jax.config import ModelConfig
+from bert_jax.errors import BertJaxError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BertJaxError, RuntimeError):
     """A checkpoint is partial, corrupt or of another architecture; names the path."""
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from bert_jax.errors import BertJaxError
+
 FAMILIES = ("bert", "roberta", "albert")
 ACTIVATIONS = ("gelu", "gelu_new", "relu")
 SHARE_SCOPES = ("all", "attention", "ffn", "none")
@@ -31,7 +33,7 @@ OBJECTIVES = ("mlm", "mlm_nsp", "mlm_sop")
 FAMILY_OBJECTIVE = {"bert": "mlm_nsp", "roberta": "mlm", "albert": "mlm_sop"}
 
 
-class ConfigError(ValueError):
+class ConfigError(BertJaxError, ValueError):
     """A configuration value is impossible; the message names the field."""
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from bert_jax import checkpoint, paths, rename
 from bert_jax.config import ModelConfig
+from bert_jax.errors import BertJaxError
 from bert_jax.tokenizer import copy_files as copy_tokenizer_files
 
 # transformers architecture name -> our task
@@ -55,7 +56,7 @@ MAX_SHARD_BYTES = 2 * 2**30
 LABELS_FILE = "labels.json"
 
 
-class ConvertError(ValueError):
+class ConvertError(BertJaxError, ValueError):
     """The folder cannot be converted; the message names the file or tensor."""
 
 

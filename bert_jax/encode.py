@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from bert_jax.errors import BertJaxError
 from bert_jax.tokenizer import Tokenizer, pad_batch
 
 
-class EncodeError(ValueError):
+class EncodeError(BertJaxError, ValueError):
     """Bad input file; the message names the file and line."""
 
 

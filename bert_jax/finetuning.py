@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bert_jax import checkpoint, convert, finetune_tasks, optim, rename, sharding, train
+from bert_jax.errors import BertJaxError
 from bert_jax.finetune_tasks import INPUTS, Features, Task
 from bert_jax.heads import build_model, init_params
 from bert_jax.options import FinetuneOptions
@@ -40,7 +41,7 @@ TASKS = tuple(finetune_tasks.TASKS)
 TASK_FILE = "finetune.json"   # in best/: the options predict rebuilds the task from
 
 
-class FinetuneError(ValueError):
+class FinetuneError(BertJaxError, ValueError):
     """Bad options or a checkpoint that does not fit; the message names what."""
 
 
@@ -55,13 +56,18 @@ class Inputs:
     evals: dict[str, tuple[list, Features]]            # name -> (examples, features)
 
 
+def check_input_files(o: FinetuneOptions) -> None:
+    """Every input file exists: checked before a checkpoint is loaded."""
+    for name, path in [("--train_file", o.train_file)] + [(f"--eval_files={n}", p) for n, p in o.eval_files]:
+        if not pathlib.Path(path).is_file():
+            raise FinetuneError(f"{name}={path}: no such file")
+
+
 def read_inputs(o: FinetuneOptions, task: Task, tok: Tokenizer) -> Inputs:
     """The (seeded subsample of the) training file and every eval file, as features.
     A malformed row, or an eval label the model will not know (e.g. one that only rare
     examples carry, dropped by --max_train_examples), is an error naming file and line."""
-    for name, path in [("--train_file", o.train_file)] + [(f"--eval_files={n}", p) for n, p in o.eval_files]:
-        if not pathlib.Path(path).is_file():
-            raise FinetuneError(f"{name}={path}: no such file")
+    check_input_files(o)
     ex = subsample(task.read(o.train_file, training=True), o.max_train_examples, np.random.default_rng(o.seed))
     labels = task.label_set(ex)
     train = task.features(tok, ex, labels).arrays
@@ -169,6 +175,7 @@ class Finetuner:
         if o.best_metric is not None and o.best_metric not in self.task.metrics:
             raise FinetuneError(f"--best_metric={o.best_metric!r}: {o.task} reports {self.task.metrics}")
         self.select_on = selection_set(o)
+        check_input_files(o)
         if not pathlib.Path(o.init_checkpoint).is_dir():
             raise FinetuneError(f"--init_checkpoint={o.init_checkpoint}: no such folder")
         src_cfg, _, src_params, tok_dir = convert.load(o.init_checkpoint)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging as std_logging
 import os
+import pathlib
 import sys
 import typing
 from typing import Any, Iterator
@@ -19,11 +20,12 @@ from typing import Any, Iterator
 from absl import flags
 
 from bert_jax import options
+from bert_jax.errors import BertJaxError
 
 FLAGS = flags.FLAGS
 
 
-class FlagError(ValueError):
+class FlagError(BertJaxError, ValueError):
     """A flag value is invalid; the message names the flag."""
 
 
@@ -165,9 +167,14 @@ def run_job(main, cls, positional: bool = False) -> None:
 
     def _main(argv):
         quiet_library_logs()
-        o = read(cls, FLAGS, argv, positional)
-        if isinstance(o, options.DistributedOptions):
-            apply_determinism(o)
-            init_distributed(o)
-        return main(o, argv) if positional else main(o)
+        try:
+            o = read(cls, FLAGS, argv, positional)
+            if isinstance(o, options.DistributedOptions):
+                apply_determinism(o)
+                init_distributed(o)
+            return main(o, argv) if positional else main(o)
+        except BertJaxError as e:  # bad input: the message says what; no traceback
+            job = pathlib.Path(sys.argv[0]).stem
+            print(f"{job}: error: {e}", file=sys.stderr)
+            sys.exit(1)
     app.run(_main)

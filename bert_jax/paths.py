@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import pathlib
 
+from bert_jax.errors import BertJaxError
 
-class OutsideFolderError(ValueError):
+
+class OutsideFolderError(BertJaxError, ValueError):
     """A file named by a model or tokenizer folder resolves outside it."""
 
 

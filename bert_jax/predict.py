@@ -28,13 +28,14 @@ import jax
 
 from bert_jax import convert, finetune_tasks
 from bert_jax.data.tasks import TaskDataError
+from bert_jax.errors import BertJaxError
 from bert_jax.finetuning import TASK_FILE, FinetuneOptions, run_model
 from bert_jax.heads import build_model
 from bert_jax.options import PredictOptions
 from bert_jax.tokenizer import Tokenizer
 
 
-class PredictError(ValueError):
+class PredictError(BertJaxError, ValueError):
     """The checkpoint or input cannot be used; the message names which and why."""
 
 

@@ -22,12 +22,13 @@ from bert_jax import checkpoint as ckpt_lib
 from bert_jax import optim, options, sharding, train
 from bert_jax.config import ConfigError, ModelConfig, variant
 from bert_jax.data import cache, corpus, instances, loader, masking
+from bert_jax.errors import BertJaxError
 from bert_jax.options import PretrainOptions
 from bert_jax.tokenizer import FAMILY_KIND, Tokenizer
 from bert_jax.tokenizer import copy_files as copy_tokenizer_files
 
 
-class PretrainError(RuntimeError):
+class PretrainError(BertJaxError, RuntimeError):
     """A run cannot go on; the message names the step and the last good checkpoint."""
 
 

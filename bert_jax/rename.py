@@ -18,9 +18,10 @@ from typing import Mapping
 import numpy as np
 
 from bert_jax.config import ModelConfig, layer_copy_maps
+from bert_jax.errors import BertJaxError
 
 
-class RenameError(ValueError):
+class RenameError(BertJaxError, ValueError):
     """Tensors do not fit the config/task; the message names the tensor."""
 
 

@@ -27,6 +27,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from bert_jax import paths
+from bert_jax.errors import BertJaxError
 
 KINDS = ("wordpiece", "bpe", "sentencepiece")
 TRUNCATION = ("longest_first", "only_first", "only_second")
@@ -54,7 +55,7 @@ SPECIALS = {
 FAMILY_KIND = {"bert": "wordpiece", "roberta": "bpe", "albert": "sentencepiece"}
 
 
-class TokenizerError(ValueError):
+class TokenizerError(BertJaxError, ValueError):
     """Tokenizer files are missing or unusable; the message names the file or folder."""
 
 

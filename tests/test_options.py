@@ -91,3 +91,20 @@ def test_help_lists_the_jobs_own_flags():
     import subprocess
     out = subprocess.run([sys.executable, "-m", "bert_jax.vocab", "--help"], capture_output=True, text=True).stdout
     assert "--vocab_size" in out and "--kind" in out and "--xla_" not in out
+
+
+def test_every_error_class_is_a_bert_jax_error_and_jobs_print_it_without_a_traceback(tmp_path):
+    import importlib
+    import subprocess
+    from bert_jax.errors import BertJaxError
+    classes = []
+    for path in (REPO / "bert_jax").rglob("*.py"):
+        mod = importlib.import_module(".".join(path.relative_to(REPO).with_suffix("").parts))
+        classes += [v for v in vars(mod).values() if isinstance(v, type) and issubclass(v, Exception)
+                    and v.__module__ == mod.__name__]
+    assert len(classes) >= 13 and all(issubclass(c, BertJaxError) for c in classes), classes
+    r = subprocess.run([sys.executable, "-m", "bert_jax.finetune", "--task=ner", f"--init_checkpoint={tmp_path}",
+                        f"--train_file={tmp_path}/none.txt", f"--workdir={tmp_path}/wd"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"finetune: error: --train_file={tmp_path}/none.txt: no such file" in r.stderr

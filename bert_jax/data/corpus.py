@@ -13,10 +13,12 @@ import pathlib
 import re
 from typing import Iterator, Sequence
 
+from bert_jax.errors import BertJaxError
+
 log = logging.getLogger(__name__)
 
 
-class CorpusError(ValueError):
+class CorpusError(BertJaxError, ValueError):
     """The corpus is missing or empty; the message names the flag value or file."""
 
 

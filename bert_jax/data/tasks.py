@@ -19,11 +19,12 @@ import pathlib
 from typing import Sequence
 
 from bert_jax import tagging
+from bert_jax.errors import BertJaxError
 
 log = logging.getLogger(__name__)
 
 
-class TaskDataError(ValueError):
+class TaskDataError(BertJaxError, ValueError):
     """A task file is malformed; the message names the file and line."""
 
 
