@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one entry point.
-#   ./launch.sh <job> [--flagfile=F] [--flag=value ...]   run python -m bert_jax.<job>
+#   ./launch.sh <job> [--flagfile=F] [--flag=value ...]   run python -m bert_jax.jobs.<job>
 #   ./launch.sh test [pytest args]                         run the test suite
 #   ./launch.sh --procs=N <job> ...                        N local processes joined by
 #        jax.distributed (CPU: gloo), e.g. to exercise the multi-host path on one machine
@@ -59,10 +59,10 @@ if [[ $job == test ]]; then
 fi
 if (( procs > 1 )); then
   port=$(( 20000 + RANDOM % 20000 ))
-  echo "+ $procs x python -m bert_jax.$job $* --coordinator_address=localhost:$port --num_processes=$procs --process_id=I" >&2
+  echo "+ $procs x python -m bert_jax.jobs.$job $* --coordinator_address=localhost:$port --num_processes=$procs --process_id=I" >&2
   pids=()
   for (( i = 0; i < procs; i++ )); do
-    "$venv/bin/python" -m "bert_jax.$job" "$@" --coordinator_address="localhost:$port" \
+    "$venv/bin/python" -m "bert_jax.jobs.$job" "$@" --coordinator_address="localhost:$port" \
       --num_processes="$procs" --process_id="$i" &
     pids+=($!)
   done
@@ -71,5 +71,5 @@ if (( procs > 1 )); then
   for p in "${pids[@]}"; do wait "$p" || rc=$?; done
   exit $rc
 fi
-echo "+ python -m bert_jax.$job $*" >&2
-exec "$venv/bin/python" -m "bert_jax.$job" "$@"
+echo "+ python -m bert_jax.jobs.$job $*" >&2
+exec "$venv/bin/python" -m "bert_jax.jobs.$job" "$@"

@@ -21,7 +21,7 @@ py="$tmp/venv/bin/python"
 export JAX_PLATFORMS=cpu
 
 books="$root/bert_jax/corpus/train"
-"$py" -m bert_jax.pretrain --flagfile="$root/experiments/tiny.flags" --workdir=pre \
+"$py" -m bert_jax.jobs.pretrain --flagfile="$root/experiments/tiny.flags" --workdir=pre \
   --corpus="$books/shakespeare-macbeth.txt,$books/shakespeare-caesar.txt" \
   --heldout_corpus="$root/bert_jax/corpus/heldout/carroll-alice.txt" --train_steps=4
 
@@ -31,15 +31,15 @@ head -n 201 "$data/pair/stsb/train.tsv" > stsb_train.tsv
 awk 'NR > 400 && /^$/ {exit} {print}' "$data/ner/conll2003/train.txt" > conll_train.txt
 awk 'NR > 200 && /^$/ {exit} {print}' "$data/ner/conll2003/valid.txt" > conll_valid.txt
 common=(--init_checkpoint=pre --max_seq_length=32 --batch_size=8 --epochs=1 --learning_rate=1e-3)
-"$py" -m bert_jax.finetune --flagfile="$root/experiments/finetune/sst2.flags" "${common[@]}" \
+"$py" -m bert_jax.jobs.finetune --flagfile="$root/experiments/finetune/sst2.flags" "${common[@]}" \
   --train_file=sst2_train.tsv --eval_files=dev=sst2_dev.tsv --workdir=ft_cls
-"$py" -m bert_jax.finetune --flagfile="$root/experiments/finetune/stsb.flags" "${common[@]}" \
+"$py" -m bert_jax.jobs.finetune --flagfile="$root/experiments/finetune/stsb.flags" "${common[@]}" \
   --train_file=stsb_train.tsv --eval_files=dev=stsb_train.tsv --workdir=ft_reg
-"$py" -m bert_jax.finetune --flagfile="$root/experiments/finetune/conll2003.flags" "${common[@]}" \
+"$py" -m bert_jax.jobs.finetune --flagfile="$root/experiments/finetune/conll2003.flags" "${common[@]}" \
   --train_file=conll_train.txt --eval_files=dev=conll_valid.txt --workdir=ft_ner
 for w in ft_cls ft_reg ft_ner; do test -s "$w/eval/dev.json" || { echo "plain_install: $w wrote no eval" >&2; exit 1; }; done
 
-"$py" -m bert_jax.convert --checkpoint=ft_cls/best --to_hf=hf_cls
+"$py" -m bert_jax.jobs.convert --checkpoint=ft_cls/best --to_hf=hf_cls
 printf 'a fine film\nnot good at all\n' > texts.txt
-"$py" -m bert_jax.encode --checkpoint=pre --input=texts.txt --output=features.npz
+"$py" -m bert_jax.jobs.encode --checkpoint=pre --input=texts.txt --output=features.npz
 echo "plain_install: pretrain, finetune (classification, regression, NER), convert, encode ran on a plain install" >&2

@@ -9,9 +9,9 @@ import torch
 import transformers
 from flax import linen as nn
 
-from bert_jax import config as C
-from bert_jax import rename
-from bert_jax.heads import abstract_params
+from bert_jax.interop import rename
+from bert_jax.model import config as C
+from bert_jax.model.heads import abstract_params
 
 import tiny
 
@@ -117,7 +117,7 @@ def test_unknown_variant():
 
 
 def test_objective_defaults_to_the_family_and_is_checked():
-    from bert_jax.config import ConfigError, ModelConfig
+    from bert_jax.model.config import ConfigError, ModelConfig
     assert [ModelConfig(family=f).objective for f in ("bert", "roberta", "albert")] == ["mlm_nsp", "mlm", "mlm_sop"]
     assert ModelConfig(family="albert", objective="mlm").sentence_objective == "none"
     assert ModelConfig(family="bert", objective="mlm_sop").sentence_objective == "sop"

@@ -12,8 +12,10 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from bert_jax import convert, encode, rename
-from bert_jax.heads import build_model
+from bert_jax.interop import convert
+from bert_jax.interop import rename
+from bert_jax.jobs import encode
+from bert_jax.model.heads import build_model
 
 import tiny
 from test_hf_parity import HF_CLASSES, hf_model
@@ -142,7 +144,7 @@ def test_encode_reports_truncation_and_writes_the_path_given(tmp_path, minilm_di
     texts = tmp_path / "in.txt"
     texts.write_text("a short one\n" + "word " * 20_000 + "\nanother short text\n")
     out = tmp_path / "features.out"
-    res = subprocess.run([sys.executable, "-m", "bert_jax.encode", f"--checkpoint={minilm_dir}",
+    res = subprocess.run([sys.executable, "-m", "bert_jax.jobs.encode", f"--checkpoint={minilm_dir}",
                           f"--input={texts}", f"--output={out}", "--max_length=64"],
                          capture_output=True, text=True, env=dict(__import__("os").environ, JAX_PLATFORMS="cpu"))
     assert res.returncode == 0, res.stderr[-2000:]
@@ -153,7 +155,8 @@ def test_encode_reports_truncation_and_writes_the_path_given(tmp_path, minilm_di
 
 
 def test_tiny_pretraining_export_gives_same_mlm_logits(tmp_path):
-    from bert_jax import pretraining, vocab
+    from bert_jax.training import pretraining
+    from bert_jax.data import vocab
     import test_pretrain
     tok = tmp_path / "tok"
     vocab.train("wordpiece", f"{test_pretrain.REPO}/bert_jax/corpus/train/shakespeare-*.txt", 500, tok)
@@ -209,8 +212,8 @@ def test_bad_folders_are_refused_by_name(tmp_path):
 def _tiny_hf(folder, shared_data, **kw):
     import jax
     from flax import linen as nn
-    from bert_jax.config import ModelConfig
-    from bert_jax.heads import init_params
+    from bert_jax.model.config import ModelConfig
+    from bert_jax.model.heads import init_params
     cfg = ModelConfig(family="bert", vocab_size=30522, hidden_size=16, num_hidden_layers=1,
                       num_attention_heads=2, intermediate_size=20, max_position_embeddings=32)
     params = jax.device_get(nn.unbox(init_params(cfg, "base", jax.random.key(0))))

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from bert_jax import vocab
 from bert_jax.data import cache, instances, loader, masking
-from bert_jax.heads import build_model, init_params
-from bert_jax.tokenizer import Tokenizer
+from bert_jax.data import vocab
+from bert_jax.data.tokenizer import Tokenizer
+from bert_jax.model.heads import build_model, init_params
 
 import tiny
 
@@ -260,7 +260,7 @@ def test_full_sentences_rows_and_their_cost_per_row(tmp_path):
 def test_packed_rows_losses_equal_each_example_alone(corpus, tok_dir, family, objective):
     """The pretraining loss sums (MLM and NSP/SOP, with their counts) of packed rows equal
     the sums over each packed example run alone as its own row."""
-    from bert_jax import train
+    from bert_jax.training import train
     tok = Tokenizer.load(tok_dir)
     cfg = tiny.config(family, vocab_size=2000, max_position_embeddings=70, pad_token_id=tok.pad_id,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -295,7 +295,7 @@ def test_packed_rows_losses_equal_each_example_alone(corpus, tok_dir, family, ob
 
 
 def test_sparse_mlm_head_equals_full_vocabulary_logits_at_masked_positions():
-    from bert_jax.heads import PreTrainingModel
+    from bert_jax.model.heads import PreTrainingModel
     for family in ("bert", "roberta", "albert"):
         cfg = tiny.config(family)
         ids, types, mask = tiny.batch(cfg)

@@ -10,8 +10,8 @@ import pytest
 from absl import flags as absl_flags
 
 from bert_jax import flags
+from bert_jax.model.config import variant
 from bert_jax.options import FinetuneOptions, PretrainOptions
-from bert_jax.config import variant
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PRETRAIN_FILES = sorted((REPO / "experiments").glob("*.flags"))

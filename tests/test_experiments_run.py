@@ -11,11 +11,15 @@ import numpy as np
 import pytest
 from absl import flags as absl_flags
 
-from bert_jax import checkpoint, convert, flags, pretraining, vocab
+from bert_jax import flags
 from bert_jax.data import split
-from bert_jax.finetuning import Finetuner
+from bert_jax.data import vocab
+from bert_jax.data.tokenizer import Tokenizer
+from bert_jax.interop import convert
 from bert_jax.options import FinetuneOptions, PretrainOptions
-from bert_jax.tokenizer import Tokenizer
+from bert_jax.training import checkpoint
+from bert_jax.training import pretraining
+from bert_jax.training.finetuning import Finetuner
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BOOKS = REPO / "bert_jax" / "corpus"
@@ -78,8 +82,8 @@ def test_pretrain_flag_file_runs(path, tmp_path, spiece, cache_dir, shared_data,
 def tiny_bert(shared_data, tmp_path_factory):
     import jax
     from flax import linen as nn
-    from bert_jax.config import ModelConfig
-    from bert_jax.heads import init_params
+    from bert_jax.model.config import ModelConfig
+    from bert_jax.model.heads import init_params
     cfg = ModelConfig(family="bert", vocab_size=30522, hidden_size=32, num_hidden_layers=2,
                       num_attention_heads=4, intermediate_size=37, max_position_embeddings=512)
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
@@ -152,7 +156,7 @@ def test_squad_v2_no_answer_decoding(tiny_bert, shared_data, tmp_path):
     unanswerable there), a null threshold of -inf predicts no answer everywhere, which
     scores exactly the unanswerable share; +inf never predicts no answer, which scores 0
     on the unanswerable ones."""
-    from bert_jax.finetuning import FinetuneOptions
+    from bert_jax.training.finetuning import FinetuneOptions
     from bert_jax.data import tasks
     f = small_squad(shared_data, tmp_path / "v2.json", 4, v2=True)
     ex = tasks.read_squad(f)

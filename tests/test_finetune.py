@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from bert_jax import convert
-from bert_jax.config import ModelConfig
-from bert_jax.finetuning import FinetuneError, FinetuneOptions, Finetuner
-from bert_jax.heads import init_params
+from bert_jax.interop import convert
+from bert_jax.model.config import ModelConfig
+from bert_jax.model.heads import init_params
+from bert_jax.training.finetuning import FinetuneError, FinetuneOptions, Finetuner
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_unknown_best_metric_is_named(tiny_checkpoint, tmp_path):
 
 
 def test_best_selection_counts_the_first_eval_and_never_prefers_nan():
-    from bert_jax.finetuning import improves
+    from bert_jax.training.finetuning import improves
     nan = float("nan")
     assert improves(nan, None) and improves(0.1, None)   # the first evaluation always saves
     assert improves(0.2, nan) and not improves(nan, 0.2)  # constant predictions: Pearson NaN
@@ -172,7 +172,7 @@ def test_export_keeps_label_names_and_report_reads_every_run(shared_data, tiny_c
     out = tagger("EU rejects German call to boycott British lamb .")
     assert out and all(t["entity"] in tags for t in out)
 
-    res = subprocess.run([sys.executable, "-m", "bert_jax.report", f"--runs={tmp_path}",
+    res = subprocess.run([sys.executable, "-m", "bert_jax.jobs.report", f"--runs={tmp_path}",
                           f"--out={tmp_path / 'report'}"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     table = (tmp_path / "report/report.md").read_text()
@@ -187,8 +187,8 @@ def test_roberta_and_albert_fine_tune_end_to_end(family, shared_data, tmp_path):
     RoBERTa's layout; a SentencePiece model from the vocab job) and heads (RoBERTa's
     classification head, ALBERT's shared layers): they overfit 48 real SST-2 rows."""
     import pathlib
-    from bert_jax import vocab
-    from bert_jax.tokenizer import Tokenizer
+    from bert_jax.data import vocab
+    from bert_jax.data.tokenizer import Tokenizer
     repo = pathlib.Path(__file__).resolve().parents[1]
     if family == "roberta":
         tok_dir = shared_data / "vocab/gpt2-bpe"
@@ -214,7 +214,7 @@ def test_one_run_per_workdir(shared_data, tiny_checkpoint, tmp_path):
     """A workdir in use is refused naming its holder; a workdir of another run (other
     options) is refused naming the options; the same run again returns its results, and
     an unfinished one resumes from its checkpoint without repeating lines of metrics.jsonl."""
-    from bert_jax import checkpoint
+    from bert_jax.training import checkpoint
     train = head(shared_data / "classification/sst2/train.tsv", 16, tmp_path, "sst2.tsv")
     s = run(tiny_checkpoint, tmp_path, "classification", train, epochs=1)
     wd = tmp_path / "wd"
@@ -307,7 +307,7 @@ def test_finetune_on_a_2x2x2_mesh_equals_one_device(tiny_checkpoint, straight, t
 
 
 def _finetune_cmd(ckpt, train, wd, *extra):
-    return [sys.executable, "-m", "bert_jax.finetune", "--task=classification", f"--init_checkpoint={ckpt}",
+    return [sys.executable, "-m", "bert_jax.jobs.finetune", "--task=classification", f"--init_checkpoint={ckpt}",
             f"--train_file={train}", f"--workdir={wd}", "--batch_size=8", "--learning_rate=1e-3",
             "--epochs=2", "--warmup_proportion=0.25", "--dropout=0.1", "--max_seq_length=48",
             "--noprogress_bar", "--mesh_data=1", *extra]
@@ -377,7 +377,7 @@ def test_unlogged_finetune_steps_copy_nothing_to_the_host(tiny_checkpoint, strai
     Finetuner(_resume_options(tiny_checkpoint, train, tmp_path / "wd", unlogged_transfers="disallow",
                               checkpoint_every=0)).run()
     assert _losses(tmp_path / "wd") == _losses(ref)
-    from bert_jax import train as train_lib
+    from bert_jax.training import train as train_lib
     real = train_lib.wait_previous
     monkeypatch.setattr(train_lib, "wait_previous", lambda prev, cur: (float(cur), real(prev, cur))[1])
     with pytest.raises(Exception, match="[Dd]isallowed device-to-host transfer"):

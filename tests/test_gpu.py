@@ -10,8 +10,8 @@ import pytest
 SCRIPT = r"""
 import jax, jax.numpy as jnp, numpy as np
 from flax import linen as nn
-from bert_jax.config import ModelConfig
-from bert_jax.heads import build_model, init_params
+from bert_jax.model.config import ModelConfig
+from bert_jax.model.heads import build_model, init_params
 assert jax.default_backend() == "gpu", jax.default_backend()
 cfg = ModelConfig(family="bert", vocab_size=1000, hidden_size=256, num_hidden_layers=2,
                   num_attention_heads=4, intermediate_size=512, dtype="bfloat16")

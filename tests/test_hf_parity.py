@@ -12,8 +12,8 @@ import transformers
 
 import jax.numpy as jnp
 
-from bert_jax import rename
-from bert_jax.heads import abstract_params, build_model
+from bert_jax.interop import rename
+from bert_jax.model.heads import abstract_params, build_model
 from flax import linen as nn
 
 import tiny
@@ -146,7 +146,7 @@ def test_span_loss_gradients_match(family):
     """Gradients of the QA loss, which reads padded positions, equal torch's for every
     tensor: the padding embedding rows (torch's padding_idx) get none on either side."""
     import jax
-    from bert_jax.finetuning import loss_fn
+    from bert_jax.training.finetuning import loss_fn
     task = "question_answering"
     cfg = tiny.config(family)
     model = hf_model(cfg, task, seed=2)

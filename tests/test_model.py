@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from bert_jax.heads import build_model, init_params
+from bert_jax.model.heads import build_model, init_params
 
 import tiny
 

@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bert_jax import optim, sharding, train
+from bert_jax.training import optim
+from bert_jax.training import sharding
+from bert_jax.training import train
 
 import tiny
 

@@ -15,9 +15,10 @@ import pytest
 import torch
 import transformers
 
-from bert_jax import convert, rename
-from bert_jax.finetuning import FinetuneOptions, Finetuner
+from bert_jax.interop import convert
+from bert_jax.interop import rename
 from bert_jax.peers.hf_finetune import HFPeer
+from bert_jax.training.finetuning import FinetuneOptions, Finetuner
 
 
 @pytest.fixture(scope="module")

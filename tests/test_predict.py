@@ -12,11 +12,11 @@ import jax
 import pytest
 from flax import linen as nn
 
-from bert_jax import convert
-from bert_jax.config import ModelConfig
-from bert_jax.finetuning import FinetuneError, FinetuneOptions, Finetuner
-from bert_jax.heads import init_params
-from bert_jax.predict import PredictError, PredictOptions, predict
+from bert_jax.interop import convert
+from bert_jax.jobs.predict import PredictError, PredictOptions, predict
+from bert_jax.model.config import ModelConfig
+from bert_jax.model.heads import init_params
+from bert_jax.training.finetuning import FinetuneError, FinetuneOptions, Finetuner
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -146,14 +146,14 @@ def test_predict_bad_input_is_named_and_writes_nothing(shared_data, tiny_checkpo
 def test_predict_command_line(shared_data, tiny_checkpoint, tmp_path):
     train = tsv_head(shared_data / "classification/sst2/train.tsv", 16, tmp_path / "train.tsv")
     finetune(tiny_checkpoint, tmp_path / "wd", "classification", train, {"train": train}, epochs=1)
-    r = subprocess.run([sys.executable, "-m", "bert_jax.predict", f"--checkpoint={tmp_path}/wd/best",
+    r = subprocess.run([sys.executable, "-m", "bert_jax.jobs.predict", f"--checkpoint={tmp_path}/wd/best",
                         f"--input={train}", f"--output={tmp_path}/p.tsv"], capture_output=True, text=True,
                        cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "predict: 16 classification inputs" in r.stdout
     assert "orbax" not in r.stderr  # library INFO logs are quiet by default
     assert len(read_tsv(tmp_path / "p.tsv")) == 16
-    h = subprocess.run([sys.executable, "-m", "bert_jax.finetune", "--help"], capture_output=True, text=True)
+    h = subprocess.run([sys.executable, "-m", "bert_jax.jobs.finetune", "--help"], capture_output=True, text=True)
     assert "--select_on" in h.stdout and "--encoding" in h.stdout and "--train_file" in h.stdout
 
 
@@ -187,7 +187,7 @@ def test_latin1_and_headerless_inputs(shared_data, tiny_checkpoint, tmp_path):
 
 
 def test_selection_set_is_explicit_and_a_test_set_is_warned_about(tmp_path, caplog):
-    from bert_jax.finetuning import selection_set
+    from bert_jax.training.finetuning import selection_set
     base = dict(task="classification", init_checkpoint="x", train_file="t", workdir="w")
     files = (("test", "data/test.tsv"), ("dev", "data/dev.tsv"))
     assert selection_set(FinetuneOptions(**base, eval_files=files, select_on="dev")) == "dev"

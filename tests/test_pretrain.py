@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 from absl import flags as absl_flags
 
-from bert_jax import checkpoint, flags, pretraining
-from bert_jax.config import ConfigError
+from bert_jax import flags
 from bert_jax.data.corpus import CorpusError
+from bert_jax.model.config import ConfigError
 from bert_jax.options import PretrainOptions
+from bert_jax.training import checkpoint
+from bert_jax.training import pretraining
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / "experiments" / "tiny.flags"
@@ -29,7 +31,7 @@ def tokenizer_dir(tmp_path_factory):
     """One tokenizer for every run here. (tokenizers' trainers break frequency ties in
     hash order, so two trainings on the same text can differ; a resumed run reuses its
     workdir's tokenizer, so that never affects resume.)"""
-    from bert_jax import vocab
+    from bert_jax.data import vocab
     global TOKENIZER
     TOKENIZER = tmp_path_factory.mktemp("tok") / "wordpiece"
     vocab.train("wordpiece", f"{REPO}/bert_jax/corpus/train/shakespeare-*.txt", 500, TOKENIZER)
@@ -85,7 +87,7 @@ def test_exact_resume_in_process(reference, tmp_path):
 
 
 def _pretrain_cmd(workdir, *extra):
-    return [sys.executable, "-m", "bert_jax.pretrain", f"--flagfile={TINY}", f"--workdir={workdir}",
+    return [sys.executable, "-m", "bert_jax.jobs.pretrain", f"--flagfile={TINY}", f"--workdir={workdir}",
             f"--tokenizer={TOKENIZER}", "--log_every=1", *extra]
 
 
@@ -141,7 +143,7 @@ def test_sigterm_checkpoints_current_step(long_reference, tmp_path):
 
 @pytest.fixture(scope="module")
 def bpe_dir(tmp_path_factory):
-    from bert_jax import vocab
+    from bert_jax.data import vocab
     out = tmp_path_factory.mktemp("bpe") / "bpe"
     vocab.train("bpe", f"{REPO}/bert_jax/corpus/train/shakespeare-*.txt", 400, out)
     return out
@@ -217,7 +219,7 @@ def test_a_failed_run_leaves_no_stale_tokenizer(tmp_path):
     next run with a good corpus builds a real one (before: it trained on the 5-token
     left-over and reported held-out accuracy 1.0). Changing --tokenizer_vocab_size once a
     checkpoint exists is refused by name instead of being ignored."""
-    from bert_jax.tokenizer import Tokenizer, TokenizerError
+    from bert_jax.data.tokenizer import Tokenizer, TokenizerError
     blank = tmp_path / "blank.txt"
     blank.write_text("\n\n   \n\n")
     wd = tmp_path / "wd"
@@ -258,7 +260,7 @@ def test_bad_sizes_are_named_before_any_work(tmp_path):
 
 
 def test_misspelled_flag_is_named():
-    res = subprocess.run([sys.executable, "-m", "bert_jax.pretrain", f"--flagfile={TINY}",
+    res = subprocess.run([sys.executable, "-m", "bert_jax.jobs.pretrain", f"--flagfile={TINY}",
                           "--workdir=/tmp/x", "--learning_rat=1e-3"], cwd=REPO,
                          capture_output=True, text=True)
     assert res.returncode != 0 and "learning_rat" in res.stderr
@@ -366,7 +368,7 @@ def test_bench_counts_flops_and_times_real_steps(tmp_path):
     for extra in (["--hidden_size=128", "--num_attention_heads=4", "--intermediate_size=512"],
                   ["--variant=albert-base", "--hidden_size=128", "--num_attention_heads=4",
                    "--intermediate_size=512", "--embedding_size=64"]):
-        res = subprocess.run([sys.executable, "-m", "bert_jax.bench", f"--flagfile={TINY}", "--steps=3",
+        res = subprocess.run([sys.executable, "-m", "bert_jax.jobs.bench", f"--flagfile={TINY}", "--steps=3",
                               "--warmup=1", "--seq_len=32,64", "--vocab_size=1001", "--scan_layers=false",
                               "--num_hidden_layers=3", "--learning_rate=1e-2", "--batch_size=32", *extra],
                              cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -388,7 +390,7 @@ def test_report_writes_table_and_plot(reference, tmp_path):
     """A folder mixing a pretraining run and a fine-tuning run's log (written by the
     fine-tuning job's own StepLog) gives one row and one plot each."""
     import shutil
-    from bert_jax.finetuning import StepLog
+    from bert_jax.training.finetuning import StepLog
     runs = tmp_path / "runs"
     shutil.copytree(reference, runs / "pre")
     (runs / "ft").mkdir()
@@ -397,7 +399,7 @@ def test_report_writes_table_and_plot(reference, tmp_path):
         log.add({"step": s, "loss": 1.0 / s, "learning_rate": 1e-3,
                  **({"eval_dev_accuracy": 0.5 + s / 10, "eval_dev_f1": 0.4} if s % 2 == 0 else {})})
     log.flush()
-    res = subprocess.run([sys.executable, "-m", "bert_jax.report", f"--runs={runs}",
+    res = subprocess.run([sys.executable, "-m", "bert_jax.jobs.report", f"--runs={runs}",
                           f"--out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     table = (tmp_path / "out" / "report.md").read_text()
@@ -408,12 +410,12 @@ def test_report_writes_table_and_plot(reference, tmp_path):
 
 
 def test_vocab_job_command_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "bert_jax.vocab", "--kind=sentencepiece",
+    res = subprocess.run([sys.executable, "-m", "bert_jax.jobs.vocab", "--kind=sentencepiece",
                           f"--corpus={REPO}/bert_jax/corpus/train/shakespeare-*.txt",
                           "--vocab_size=300", f"--out={tmp_path}/sp"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "sp" / "spiece.model").exists()
-    res = subprocess.run([sys.executable, "-m", "bert_jax.vocab", "--kind=wordpiece",
+    res = subprocess.run([sys.executable, "-m", "bert_jax.jobs.vocab", "--kind=wordpiece",
                           f"--corpus={tmp_path}/none*.txt", f"--out={tmp_path}/wp"], cwd=REPO,
                          capture_output=True, text=True)
     assert res.returncode != 0 and "none*.txt' matches no file" in res.stderr
@@ -491,8 +493,8 @@ def test_objective_is_a_flag_of_any_family(variant, objective, hf_class, tmp_pat
     class that holds the objective's heads (equal MLM logits) or refuses by name."""
     import torch
     import transformers
-    from bert_jax import convert
-    from bert_jax.heads import build_model
+    from bert_jax.interop import convert
+    from bert_jax.model.heads import build_model
     extra = ["--embedding_size=24", "--num_hidden_groups=1"] if variant.startswith("albert") else []
     s = pretraining.run(options(tmp_path / "run", f"--variant={variant}", f"--objective={objective}",
                                 "--train_steps=3", "--max_position_embeddings=64", *extra))
@@ -529,7 +531,7 @@ def test_unlogged_steps_copy_nothing_to_the_host(tmp_path, monkeypatch, guarded_
     s = pretraining.run(options(tmp_path / "run", "--train_steps=8", "--log_every=4", "--eval_every=100",
                                 "--checkpoint_every=100", "--unlogged_transfers=disallow"))
     assert s["step"] == 8 and sorted(losses(tmp_path / "run")) == [4, 8]
-    from bert_jax import train
+    from bert_jax.training import train
     real = train.wait_previous
     monkeypatch.setattr(train, "wait_previous", lambda prev, cur: (float(cur), real(prev, cur))[1])
     with pytest.raises(Exception, match="[Dd]isallowed device-to-host transfer"):

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
-from bert_jax import rename
-from bert_jax.heads import build_model
+from bert_jax.interop import rename
+from bert_jax.model.heads import build_model
 
 TOL = 1e-4
 

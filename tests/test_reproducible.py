@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from bert_jax import checkpoint, convert
+from bert_jax.interop import convert
+from bert_jax.training import checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WALL_CLOCK_FIELDS = {"tokens_per_s"}
@@ -24,9 +25,10 @@ DRIVER = r'''
 import os, sys
 os.chdir(sys.argv[2])
 from absl import flags as absl_flags
-from bert_jax import flags, pretraining
-from bert_jax.finetuning import Finetuner
+from bert_jax import flags
 from bert_jax.options import FinetuneOptions, PretrainOptions
+from bert_jax.training import pretraining
+from bert_jax.training.finetuning import Finetuner
 out, sst2 = sys.argv[1], sys.argv[3]
 for family in ("bert", "roberta", "albert"):
     fv = absl_flags.FlagValues()

@@ -8,8 +8,8 @@ import pytest
 from flax import linen as nn
 from jax.sharding import NamedSharding
 
-from bert_jax import sharding
-from bert_jax.heads import abstract_params, build_model, init_params
+from bert_jax.model.heads import abstract_params, build_model, init_params
+from bert_jax.training import sharding
 
 import tiny
 

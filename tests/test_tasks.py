@@ -8,9 +8,10 @@ from scipy import stats
 from seqeval.metrics import f1_score as seqeval_f1
 from sklearn import metrics as skm
 
-from bert_jax import metrics, tagging
 from bert_jax.data import squad, tasks
-from bert_jax.tokenizer import Tokenizer
+from bert_jax.data.tokenizer import Tokenizer
+from bert_jax.tasks import metrics
+from bert_jax.tasks import tagging
 
 
 def test_classification_metrics_equal_sklearn():

@@ -11,9 +11,9 @@ import pytest
 import sentencepiece as spm
 import transformers
 
-from bert_jax import vocab as vocab_job
 from bert_jax.data import corpus
-from bert_jax.tokenizer import Tokenizer, TokenizerError
+from bert_jax.data import vocab as vocab_job
+from bert_jax.data.tokenizer import Tokenizer, TokenizerError
 
 NON_ASCII = ["Café déjà vu — naïve façade", "東京は日本の首都です。", "Zürich's Straße, ½ price!",
              "emoji 🙂 and tabs\tand  double  spaces", "Ærøskøbing ŁÓDŹ Ελληνικά русский"]
@@ -110,7 +110,7 @@ def test_gpt2_files_load_in_roberta_layout(shared_data, tmp_path):
     assert (ours.cls_id, ours.pad_id, ours.sep_id, ours.unk_id, ours.mask_id) == (0, 1, 2, 3, 50261)
     gpt2 = json.loads((shared_data / "vocab/gpt2-bpe/encoder.json").read_text(encoding="utf-8"))
     assert all(ours.token_to_id(t) == i + 4 for t, i in gpt2.items())
-    from bert_jax.config import variant
+    from bert_jax.model.config import variant
     assert variant("roberta-base").replace(pad_token_id=ours.pad_id).position_offset == 2
     ours.save(tmp_path / "export")
     theirs = transformers.RobertaTokenizerFast.from_pretrained(

@@ -4,7 +4,7 @@ batch 2, length 13, hidden 32, heads 4 (head dim 8), ffn 37, vocab 99, embedding
 
 import numpy as np
 
-from bert_jax.config import ModelConfig
+from bert_jax.model.config import ModelConfig
 
 B, L = 2, 13
 

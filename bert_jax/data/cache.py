@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from bert_jax.data import corpus as corpus_lib
-from bert_jax.tokenizer import Tokenizer
+from bert_jax.data.tokenizer import Tokenizer
 
 FORMAT_VERSION = 2  # 2: streamed reading, over-long lines cut, blank-ish lines split paragraphs
 

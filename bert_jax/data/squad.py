@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 
 from bert_jax.data.tasks import QAExample
-from bert_jax.tokenizer import Tokenizer
+from bert_jax.data.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass

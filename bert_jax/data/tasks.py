@@ -18,8 +18,8 @@ import logging
 import pathlib
 from typing import Sequence
 
-from bert_jax import tagging
 from bert_jax.errors import BertJaxError
+from bert_jax.tasks import tagging
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,11 @@ import pathlib
 
 import numpy as np
 
-from bert_jax import finetune_tasks, flags
-from bert_jax.finetuning import (FinetuneError, FinetuneOptions, StepLog, batch_order, evaluate,
+from bert_jax import flags
+from bert_jax.tasks import finetune_tasks
+from bert_jax.training.finetuning import (FinetuneError, FinetuneOptions, StepLog, batch_order, evaluate,
                                  plan, read_inputs, write_eval)
-from bert_jax.tokenizer import Tokenizer
+from bert_jax.data.tokenizer import Tokenizer
 
 HF_CLASS = {"sequence_classification": "AutoModelForSequenceClassification",
             "token_classification": "AutoModelForTokenClassification",

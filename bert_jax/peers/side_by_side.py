@@ -29,7 +29,7 @@ from bert_jax import flags
 from bert_jax.options import SideBySideOptions
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "finetune"
-SIDES = {"ours": "bert_jax.finetune", "hf": "bert_jax.peers.hf_finetune"}
+SIDES = {"ours": "bert_jax.jobs.finetune", "hf": "bert_jax.peers.hf_finetune"}
 
 
 @dataclasses.dataclass

@@ -38,7 +38,7 @@ def timed(code: str, *args) -> dict:
 
 
 VOCAB = "import sys; from bert_jax import vocab; vocab.train('wordpiece', sys.argv[1], 8000, sys.argv[2])"
-CACHE = ("import sys, pathlib; from bert_jax.data import cache; from bert_jax.tokenizer import Tokenizer; "
+CACHE = ("import sys, pathlib; from bert_jax.data import cache; from bert_jax.data.tokenizer import Tokenizer; "
          "c = cache.build([pathlib.Path(sys.argv[1])], Tokenizer.load(sys.argv[2]), sys.argv[2], sys.argv[3], "
          "workers=1); print(len(c.tokens))")
 

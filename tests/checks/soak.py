@@ -22,7 +22,7 @@ STEPS = 8
 
 
 def cmd(workdir, tok, sync):
-    return [sys.executable, "-m", "bert_jax.pretrain", f"--flagfile={REPO}/experiments/tiny.flags",
+    return [sys.executable, "-m", "bert_jax.jobs.pretrain", f"--flagfile={REPO}/experiments/tiny.flags",
             f"--workdir={workdir}", f"--tokenizer={tok}", f"--train_steps={STEPS}", "--checkpoint_every=1",
             "--log_every=1", f"--async_checkpoint={'false' if sync else 'true'}"]
 
@@ -47,7 +47,7 @@ def main(n):
     env_ok = dict(os.environ, JAX_PLATFORMS="cpu")
     os.environ.update(env_ok)
     tok = root / "tok"
-    subprocess.run([sys.executable, "-m", "bert_jax.vocab", "--kind=wordpiece",
+    subprocess.run([sys.executable, "-m", "bert_jax.jobs.vocab", "--kind=wordpiece",
                     f"--corpus={REPO}/bert_jax/corpus/train/shakespeare-*.txt", "--vocab_size=500", f"--out={tok}"],
                    cwd=REPO, check=True, capture_output=True)
     ref = root / "ref"

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from bert_jax.data.tokenizer import Tokenizer, pad_batch
 from bert_jax.errors import BertJaxError
-from bert_jax.tokenizer import Tokenizer, pad_batch
 
 
 class EncodeError(BertJaxError, ValueError):
@@ -59,8 +59,8 @@ def read_inputs(path: str | pathlib.Path) -> tuple[list[str], list[str] | None]:
 
 def encode(folder: str | pathlib.Path, texts: list[str], pairs: list[str] | None = None,
            max_length: int = 512, batch_size: int = 32) -> dict[str, np.ndarray]:
-    from bert_jax import convert
-    from bert_jax.model import Backbone
+    from bert_jax.interop import convert
+    from bert_jax.model.encoder import Backbone
     cfg, task, params, tok_dir = convert.load(folder)
     if tok_dir is None:
         raise EncodeError(f"{folder} carries no tokenizer files")

@@ -18,14 +18,17 @@ import jax
 import numpy as np
 from absl import logging
 
-from bert_jax import checkpoint as ckpt_lib
-from bert_jax import optim, options, sharding, train
-from bert_jax.config import ConfigError, ModelConfig, variant
+from bert_jax import options
 from bert_jax.data import cache, corpus, instances, loader, masking
+from bert_jax.data.tokenizer import FAMILY_KIND, Tokenizer
+from bert_jax.data.tokenizer import copy_files as copy_tokenizer_files
 from bert_jax.errors import BertJaxError
+from bert_jax.model.config import ConfigError, ModelConfig, variant
 from bert_jax.options import PretrainOptions
-from bert_jax.tokenizer import FAMILY_KIND, Tokenizer
-from bert_jax.tokenizer import copy_files as copy_tokenizer_files
+from bert_jax.training import checkpoint as ckpt_lib
+from bert_jax.training import optim
+from bert_jax.training import sharding
+from bert_jax.training import train
 
 
 class PretrainError(BertJaxError, RuntimeError):
@@ -114,7 +117,7 @@ def _prepare_tokenizer(o: PretrainOptions, workdir: pathlib.Path) -> tuple[Token
     if o.tokenizer:
         copy_tokenizer_files(o.tokenizer, dest)
         return Tokenizer.load(dest), dest
-    from bert_jax import vocab
+    from bert_jax.data import vocab
     kind = FAMILY_KIND[variant(o.model.variant).family]
     logging.info("no --tokenizer: training a %s vocabulary of %d on --corpus", kind, o.tokenizer_vocab_size)
     return vocab.train(kind, o.corpus, o.tokenizer_vocab_size, dest, lowercase=o.lowercase), dest

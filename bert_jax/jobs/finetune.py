@@ -10,7 +10,7 @@ from bert_jax.options import FinetuneOptions
 
 
 def main(opts: FinetuneOptions):
-    from bert_jax.finetuning import Finetuner
+    from bert_jax.training.finetuning import Finetuner
     summary = Finetuner(opts).run()
     if summary.get("stopped_early"):
         print(f"finetune: stopped at step {summary['step']} of {summary['steps']}; rerun to resume")

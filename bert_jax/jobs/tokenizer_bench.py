@@ -1,7 +1,7 @@
 """Times batch tokenization of a corpus (WordPiece by default): the figure issue #3 asks
 for. Prints one JSON line.
 
-    python -m bert_jax.tokenizer_bench --vocab=../shared/data/vocab/bert-base-uncased \\
+    python -m bert_jax.jobs.tokenizer_bench --vocab=../shared/data/vocab/bert-base-uncased \\
         --corpus='../shared/data/corpus/**/*'
 """
 
@@ -9,8 +9,8 @@ import json
 import time
 
 from bert_jax.data import corpus
+from bert_jax.data.tokenizer import Tokenizer
 from bert_jax.options import TokenizerBenchOptions
-from bert_jax.tokenizer import Tokenizer
 
 
 def main(o: TokenizerBenchOptions):

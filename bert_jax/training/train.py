@@ -23,9 +23,9 @@ from absl import logging
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bert_jax import sharding
-from bert_jax.config import ConfigError, ModelConfig
-from bert_jax.heads import PreTrainingModel, build_model
+from bert_jax.model.config import ConfigError, ModelConfig
+from bert_jax.model.heads import PreTrainingModel, build_model
+from bert_jax.training import sharding
 
 
 @flax.struct.dataclass

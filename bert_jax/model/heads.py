@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from bert_jax.config import ModelConfig
-from bert_jax.model import Backbone, Dense, LayerNorm, activation, bank_param
+from bert_jax.model.config import ModelConfig
+from bert_jax.model.encoder import Backbone, Dense, LayerNorm, activation, bank_param
 
 TASKS = ("base", "pretraining", "sequence_classification", "token_classification",
          "question_answering")

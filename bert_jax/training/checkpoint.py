@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bert_jax.config import ModelConfig
 from bert_jax.errors import BertJaxError
+from bert_jax.model.config import ModelConfig
 
 
 class CheckpointError(BertJaxError, RuntimeError):

@@ -1,7 +1,5 @@
-"""Hugging Face <-> bert_jax checkpoints, for every family and head; and the `convert` job.
-
-    ./launch.sh convert --from_hf=HF_DIR --out=OUR_DIR
-    ./launch.sh convert --checkpoint=OUR_DIR --to_hf=HF_DIR [--hf_dtype=bfloat16]
+"""Hugging Face <-> bert_jax checkpoints, for every family and head (the `convert` job
+is jobs/convert.py).
 
 Python API: `load(folder)` reads either kind of folder into (config, task, params,
 tokenizer folder); `save_ours` / `save_hf` write them. Only safetensors are read or
@@ -20,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from bert_jax import checkpoint, paths, rename
-from bert_jax.config import ModelConfig
+from bert_jax import paths
+from bert_jax.data.tokenizer import copy_files as copy_tokenizer_files
 from bert_jax.errors import BertJaxError
-from bert_jax.tokenizer import copy_files as copy_tokenizer_files
+from bert_jax.interop import rename
+from bert_jax.model.config import ModelConfig
+from bert_jax.training import checkpoint
 
 # transformers architecture name -> our task
 # transformers class -> (family, task, pretraining objective or None).
@@ -115,7 +115,7 @@ def load_hf(folder: str | pathlib.Path) -> tuple[ModelConfig, str, dict, dict]:
                            f"matrix embeddings.word_embeddings.weight of {emb.shape[0]} rows")
     try:
         params = rename.from_hf({k: np.asarray(v, np.float32) for k, v in tensors.items()}, cfg, task)
-        from bert_jax.heads import abstract_params
+        from bert_jax.model.heads import abstract_params
         from flax import linen as nn
         rename.check_shapes(params, nn.unbox(abstract_params(cfg, task)))
     except rename.RenameError as e:
@@ -255,20 +255,3 @@ def export(checkpoint_dir: str | pathlib.Path, to_hf: str | pathlib.Path,
                            f"model has num_labels={cfg.num_labels}")
     save_hf(to_hf, cfg, task, params, tok, dtype, id2label=dict(enumerate(labels)) if labels else None)
     return cfg, task
-
-
-def main(o):
-    if o.from_hf:
-        cfg, task, params, _ = load_hf(o.from_hf)
-        save_ours(o.out, cfg, task, params, o.from_hf, source=str(o.from_hf),
-                  labels=read_labels(o.from_hf))
-        print(f"convert: {o.from_hf} ({cfg.family}, {task}) -> {o.out}")
-    else:
-        cfg, task = export(o.checkpoint, o.to_hf, o.hf_dtype)
-        print(f"convert: {o.checkpoint} ({cfg.family}, {task}) -> {o.to_hf} [{hf_architecture(cfg, task)}]")
-
-
-if __name__ == "__main__":
-    from bert_jax import flags as _flags
-    from bert_jax.options import ConvertOptions
-    _flags.run_job(main, ConvertOptions)

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from bert_jax.config import ModelConfig, layer_copy_maps
-from bert_jax.sharding import constrain
+from bert_jax.model.config import ModelConfig, layer_copy_maps
+from bert_jax.training.sharding import constrain
 
 INIT_STD = 0.02  # BERT's initializer_range
 

@@ -17,8 +17,8 @@ from typing import Mapping
 
 import numpy as np
 
-from bert_jax.config import ModelConfig, layer_copy_maps
 from bert_jax.errors import BertJaxError
+from bert_jax.model.config import ModelConfig, layer_copy_maps
 
 
 class RenameError(BertJaxError, ValueError):

@@ -10,7 +10,7 @@ from bert_jax.options import PretrainOptions
 
 
 def main(opts: PretrainOptions):
-    from bert_jax import pretraining
+    from bert_jax.training import pretraining
     summary = pretraining.run(opts)
     held = summary.get("heldout", {})
     line = f"pretrain: step {summary['step']}"

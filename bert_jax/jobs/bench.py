@@ -23,9 +23,12 @@ import time
 import jax
 import numpy as np
 
-from bert_jax import flags, optim, sharding, train
-from bert_jax.config import ModelConfig, variant
+from bert_jax import flags
+from bert_jax.model.config import ModelConfig, variant
 from bert_jax.options import BenchOptions
+from bert_jax.training import optim
+from bert_jax.training import sharding
+from bert_jax.training import train
 
 # bf16 dense peak TFLOP/s by device kind (vendor data sheets).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "V100": 125.0,

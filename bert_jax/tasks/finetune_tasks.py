@@ -32,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bert_jax import metrics, tagging
 from bert_jax.data import squad, tasks
-from bert_jax.tokenizer import Tokenizer, pad_batch
+from bert_jax.data.tokenizer import Tokenizer, pad_batch
+from bert_jax.tasks import metrics
+from bert_jax.tasks import tagging
 
 INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 

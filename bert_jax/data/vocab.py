@@ -1,6 +1,5 @@
-"""`vocab` job: train a WordPiece, byte-level BPE or SentencePiece tokenizer on text files.
-
-    ./launch.sh vocab --kind=wordpiece --corpus='corpus/*.txt' --vocab_size=8000 --out=DIR [--lowercase]
+"""Train a WordPiece, byte-level BPE or SentencePiece tokenizer on text files (the
+`vocab` job is jobs/vocab.py).
 
 The corpus is streamed line by line, never loaded whole. The folder written loads in our
 `Tokenizer.load` and in transformers (BertTokenizerFast / RobertaTokenizerFast /
@@ -20,7 +19,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers, trainers
 
 from bert_jax.data import corpus
-from bert_jax.tokenizer import (SPECIALS, Tokenizer, TokenizerError, bpe_backend,
+from bert_jax.data.tokenizer import (SPECIALS, Tokenizer, TokenizerError, bpe_backend,
                                 sentencepiece_backend, wordpiece_backend)
 
 
@@ -136,14 +135,3 @@ def _train_sentencepiece(files, vocab_size, lowercase) -> tuple[HFTokenizer, byt
         raise TokenizerError(f"--vocab_size={vocab_size}: SentencePiece training on "
                              f"{files[0]}{' ...' if len(files) > 1 else ''} failed: {e}") from None
     return sentencepiece_backend(model.getvalue(), lowercase), model.getvalue()
-
-
-def main(o):
-    train(o.kind, o.corpus, o.vocab_size, o.out, o.lowercase, o.extra_special_tokens)
-    print(f"vocab: wrote {o.kind} tokenizer to {o.out}")
-
-
-if __name__ == "__main__":
-    from bert_jax import flags as _flags
-    from bert_jax.options import VocabOptions
-    _flags.run_job(main, VocabOptions)

@@ -1,0 +1,1 @@
+"""Hugging Face interop: checkpoint conversion both ways (convert) and the rename table (rename)."""

@@ -1,0 +1,1 @@
+"""The model: configuration and variants (config), the encoder, the task heads."""

@@ -1,0 +1,1 @@
+"""Fine-tuning task types (finetune_tasks), tag schemes and decoding (tagging), metrics."""
