@@ -30,7 +30,7 @@ head -n 101 "$data/classification/sst2/dev.tsv" > sst2_dev.tsv
 head -n 201 "$data/pair/stsb/train.tsv" > stsb_train.tsv
 awk 'NR > 400 && /^$/ {exit} {print}' "$data/ner/conll2003/train.txt" > conll_train.txt
 awk 'NR > 200 && /^$/ {exit} {print}' "$data/ner/conll2003/valid.txt" > conll_valid.txt
-common=(--init_checkpoint=pre --max_seq_length=32 --batch_size=8 --epochs=1 --learning_rate=1e-3)
+common=(--init_checkpoint=pre --max_seq_length=32 --batch_size=8 --epochs=1 --learning_rate=1e-3 --select_on=dev)
 "$py" -m bert_jax.jobs.finetune --flagfile="$root/experiments/finetune/sst2.flags" "${common[@]}" \
   --train_file=sst2_train.tsv --eval_files=dev=sst2_dev.tsv --workdir=ft_cls
 "$py" -m bert_jax.jobs.finetune --flagfile="$root/experiments/finetune/stsb.flags" "${common[@]}" \
@@ -39,7 +39,10 @@ common=(--init_checkpoint=pre --max_seq_length=32 --batch_size=8 --epochs=1 --le
   --train_file=conll_train.txt --eval_files=dev=conll_valid.txt --workdir=ft_ner
 for w in ft_cls ft_reg ft_ner; do test -s "$w/eval/dev.json" || { echo "plain_install: $w wrote no eval" >&2; exit 1; }; done
 
+cut -f1 sst2_dev.tsv > sst2_dev_sentences.tsv
+"$py" -m bert_jax.jobs.predict --checkpoint=ft_cls/best --input=sst2_dev_sentences.tsv --output=sst2_pred.tsv
+test "$(wc -l < sst2_pred.tsv)" = 101 || { echo "plain_install: predict wrote $(wc -l < sst2_pred.tsv) lines" >&2; exit 1; }
 "$py" -m bert_jax.jobs.convert --checkpoint=ft_cls/best --to_hf=hf_cls
 printf 'a fine film\nnot good at all\n' > texts.txt
 "$py" -m bert_jax.jobs.encode --checkpoint=pre --input=texts.txt --output=features.npz
-echo "plain_install: pretrain, finetune (classification, regression, NER), convert, encode ran on a plain install" >&2
+echo "plain_install: pretrain, finetune (classification, regression, NER), predict, convert, encode ran on a plain install" >&2
