@@ -243,6 +243,7 @@ class FinetuneOptions(MeshOptions, DistributedOptions):
     async_checkpoint: bool = option(True, "Save checkpoints in the background.")
     stop_at_step: int | None = option(None, "Checkpoint and exit at this step, keeping the schedule.")
     unlogged_transfers: str = option("allow", UNLOGGED_TRANSFERS_HELP, choices=("allow", "log", "disallow"))
+    resolved_flags: str = internal("", "every flag with its final value, as a flag file (the run record)")
 
 
 # -------------------------------------------------------------------- predict ----

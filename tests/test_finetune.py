@@ -218,6 +218,10 @@ def test_one_run_per_workdir(shared_data, tiny_checkpoint, tmp_path):
     train = head(shared_data / "classification/sst2/train.tsv", 16, tmp_path, "sst2.tsv")
     s = run(tiny_checkpoint, tmp_path, "classification", train, epochs=1)
     wd = tmp_path / "wd"
+    manifest = json.loads((wd / "manifest.json").read_text())  # the run record, as pretraining's
+    assert {"options", "git_revision", "packages", "model_config", "data"} <= set(manifest)
+    assert list(manifest["data"]) == [str(train)] and len(manifest["data"][str(train)]) == 64
+    assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
     with checkpoint.WorkdirLock(wd, "finetune"):
         with pytest.raises(checkpoint.CheckpointError, match=r"in use by finetune \(pid \d+ on "):
             run(tiny_checkpoint, tmp_path, "classification", train, epochs=1)
@@ -358,7 +362,8 @@ def test_finetune_in_two_processes_equals_one(shared_data, tiny_checkpoint, tmp_
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     outs = [p.communicate(timeout=400)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    why = lambda out: "\n".join(l for l in out.splitlines() if "rror" in l or "Fatal" in l or "F1" in l[:3])
+    assert all(p.returncode == 0 for p in procs), why(outs[0])[-3000:] + "\n---\n" + why(outs[1])[-3000:]
     env2 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     subprocess.run(_finetune_cmd(tiny_checkpoint, train, tmp_path / "single", *extra), env=env2, check=True,
                    capture_output=True)

@@ -44,7 +44,8 @@ from bert_jax.training import sharding
 from bert_jax.training import train
 
 TASKS = tuple(finetune_tasks.TASKS)
-TASK_FILE = "finetune.json"   # in best/: the options predict rebuilds the task from
+TASK_FILE = "finetune.json"
+EVAL_BATCH = 64               # rows per evaluation forward pass (rounded up to the data shards)   # in best/: the options predict rebuilds the task from
 
 
 class FinetuneError(BertJaxError, ValueError):
@@ -204,10 +205,15 @@ class Finetuner:
         self.tx = optim.make(self.optim_config())
         self.abstract, self.state_sh = train.state_shardings(self.cfg, self.tx, o.max_seq_length,
                                                              self.mesh, self.mtask)
-        rep = NamedSharding(self.mesh, P())
+        # Evaluation batches are split over the data-parallel devices like training's; the
+        # outputs come back whole to every process.
+        rep, rows = NamedSharding(self.mesh, P()), sharding.data_sharding(self.mesh, 2)
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.eval_batch = -(-EVAL_BATCH // shards) * shards
         apply = jax.jit(lambda p, i, t, m: self.model.apply({"params": p}, i, t, m),
-                        in_shardings=(self.state_sh.params, rep, rep, rep), out_shardings=rep)
-        self.apply = lambda params: (lambda i, t, m: apply(params, i, t, m))
+                        in_shardings=(self.state_sh.params, rows, rows, rows), out_shardings=rep)
+        place = lambda x: jax.make_array_from_callback(x.shape, rows, lambda idx: x[idx])
+        self.apply = lambda params: (lambda i, t, m: apply(params, place(i), place(t), place(m)))
 
     def optim_config(self) -> optim.OptimConfig:
         o = self.o
@@ -222,9 +228,12 @@ class Finetuner:
         wd = pathlib.Path(self.o.workdir)
         wd.mkdir(parents=True, exist_ok=True)
         with checkpoint.WorkdirLock(wd, "finetune"):
-            finished = check_workdir(wd, self.o)
-            if jax.process_count() > 1:  # process 0 has cleaned the workdir
+            chief = jax.process_index() == 0
+            finished = check_workdir(wd, self.o) if chief else None
+            if jax.process_count() > 1:  # process 0 has checked (and cleaned) the workdir
                 multihost_utils.sync_global_devices("finetune check_workdir")
+                if not chief and (wd / "results.json").exists():
+                    finished = json.loads((wd / "results.json").read_text())
             if finished is not None:
                 logging.info("%s already holds this run's results", wd)
                 return finished
@@ -280,12 +289,21 @@ class Finetuner:
                 keep_metrics_until(wd / "metrics.jsonl", start)
         else:
             start, state = 0, self._initial_state()
-        manifest = {"options": run_record(o), "git_revision": checkpoint.git_revision()}
+        manifest = dict(options=run_record(o), git_revision=checkpoint.git_revision(),
+                        packages=checkpoint.package_versions(), model_config=dataclasses.asdict(self.cfg),
+                        init_checkpoint=str(o.init_checkpoint),
+                        data=train.file_fingerprint([o.train_file] + [p for _, p in o.eval_files]),
+                        devices=str(jax.devices()[:4]), process_count=jax.process_count())
+        if chief:  # the run record, as pretraining writes it
+            (wd / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            if o.resolved_flags:
+                (wd / "flags.txt").write_text(o.resolved_flags)
         lrs = np.asarray(jax.vmap(optim.schedule(self.optim_config()))(jnp.arange(total)))  # optax counts from 0
         bar = progress(o, total, f"finetune {o.task}") if chief else None
         if bar is not None:
             bar.update(start)
-        log = StepLog(wd / "metrics.jsonl", bar=bar, write=chief)
+        log = StepLog(wd / "metrics.jsonl", bar=bar, write=chief,
+                      writer=train.tensorboard_writer(wd) if chief else None)
         order = batch_order(n, o.batch_size, total, o.seed)
         for _ in range(start):  # the data order continues where the checkpoint left it
             next(order)
@@ -308,7 +326,7 @@ class Finetuner:
                         rec = {"step": s, "loss": m["loss"], "learning_rate": float(lrs[s - 1])}
                         if evaluate_now:
                             ex, feats = self.inputs.evals[self.select_on]
-                            res, preds = evaluate(task, self.apply(state.params), ex, feats, self.labels)
+                            res, preds = evaluate(task, self.apply(state.params), ex, feats, self.labels, self.eval_batch)
                             rec.update({f"eval_{self.select_on}_{k}": v for k, v in res.items()})
                             if improves(res[metric], best):
                                 best, best_eval = res[metric], (res, preds)
@@ -339,7 +357,7 @@ class Finetuner:
             else:
                 if best_params is None:
                     best_params = jax.device_put(convert.load(wd / "best")[2], self.state_sh.params)
-                res, preds = evaluate(task, self.apply(best_params), ex, feats, self.labels)
+                res, preds = evaluate(task, self.apply(best_params), ex, feats, self.labels, self.eval_batch)
             results[name] = res
             if chief:
                 write_eval(task, wd / "eval", name, res, ex, preds, self.labels)
@@ -366,13 +384,13 @@ class Finetuner:
 
 RUN_RECORD = "run.json"
 RUN_OUTPUTS = ("metrics.jsonl", "results.json", "eval", "best", "best.tmp", "checkpoints",
-               "checkpoints.corrupt")
+               "checkpoints.corrupt", "manifest.json", "flags.txt", "tensorboard")
 
 
 # Options that do not change what a run computes (the mesh only its float rounding): a
 # rerun may change them, e.g. resume on another mesh.
 NOT_RECORDED = ("workdir", "progress_bar", "mesh_data", "mesh_fsdp", "mesh_tensor", "checkpoint_every",
-                "keep_checkpoints", "async_checkpoint", "stop_at_step", "unlogged_transfers")
+                "keep_checkpoints", "async_checkpoint", "stop_at_step", "unlogged_transfers", "resolved_flags")
 
 
 def run_record(o: FinetuneOptions) -> dict:
@@ -391,10 +409,9 @@ def check_workdir(wd: pathlib.Path, o: FinetuneOptions) -> dict | None:
     """A workdir holds one run. One of another run (other options) is refused, naming the
     options that differ; a finished one of this run returns its results; an unfinished one
     with a checkpoint resumes from it; one without starts over cleanly (its partial outputs
-    are removed, so metrics.jsonl never mixes two runs). Only process 0 changes files."""
+    are removed, so metrics.jsonl never mixes two runs). Process 0 alone calls it."""
     record = wd / RUN_RECORD
     new = run_record(o)
-    chief = jax.process_index() == 0
     if record.exists():
         old = json.loads(record.read_text())
         diff = [f"--{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
@@ -409,14 +426,13 @@ def check_workdir(wd: pathlib.Path, o: FinetuneOptions) -> dict | None:
     elif any((wd / name).exists() for name in RUN_OUTPUTS):
         raise FinetuneError(f"--workdir={wd} holds outputs of a run with no record ({RUN_RECORD}); "
                             "use a new --workdir")
-    if chief:
-        for name in RUN_OUTPUTS:
-            path = wd / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-        record.write_text(json.dumps(new, indent=1))
+    for name in RUN_OUTPUTS:
+        path = wd / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    record.write_text(json.dumps(new, indent=1))
     return None
 
 
@@ -458,9 +474,10 @@ class StepLog:
     of `every` steps is written, so logging does not stall asynchronous dispatch. `bar`
     (tqdm or None) advances every step and shows the last written loss."""
 
-    def __init__(self, path: pathlib.Path, every: int = 100, bar=None, write: bool = True):
+    def __init__(self, path: pathlib.Path, every: int = 100, bar=None, write: bool = True, writer=None):
         self.path, self.every, self.pending, self.last, self.bar = path, every, [], None, bar
         self.write = write  # False on processes other than 0: check, but write nothing
+        self.writer = writer  # TensorBoard (train/* and eval/* scalars), or None
 
     def due(self) -> bool:
         """Whether the next add writes (and so copies its losses to the host)."""
@@ -481,6 +498,11 @@ class StepLog:
                 rec = dict(rec, loss=float(rec["loss"]))
                 if self.write:
                     f.write(json.dumps(rec) + "\n")
+                if self.writer is not None:
+                    for k, v in rec.items():
+                        if k != "step":
+                            tag = f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"
+                            self.writer.add_scalar(tag, v, rec["step"])
                 if not np.isfinite(rec["loss"]):
                     self.pending = []
                     raise FinetuneError(
@@ -493,6 +515,8 @@ class StepLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def keep_metrics_until(path: pathlib.Path, step: int) -> None:

@@ -226,7 +226,7 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     eval_fn = train.make_eval_step(cfg)
     prefetch = loader.DevicePrefetcher(it, batch_sh, o.batch_size)
     metrics_path = workdir / "metrics.jsonl"
-    writer = _tensorboard(workdir)
+    writer = train.tensorboard_writer(workdir)
     bar = _progress(o, start)
     summary: dict[str, Any] = {}
     last_saved, data_state_now = start, data_state
@@ -313,16 +313,6 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     summary.update(step=step, workdir=str(workdir), checkpoint=str(ckpt.dir / str(last_saved)),
                    metrics=str(metrics_path), stopped_early=stop.requested)
     return summary
-
-
-def _tensorboard(workdir: pathlib.Path):
-    if jax.process_index() != 0:
-        return None
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(workdir / "tensorboard"))
 
 
 def _progress(o: PretrainOptions, start: int):

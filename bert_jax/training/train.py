@@ -11,7 +11,9 @@ accumulation gives the big batch's loss and gradient exactly.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import pathlib
 import signal
 from typing import Any, Callable
 
@@ -261,3 +263,23 @@ class StopOnSigterm:
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
+
+
+def tensorboard_writer(workdir):
+    """A TensorBoard writer on <workdir>/tensorboard (process 0; None elsewhere)."""
+    if jax.process_index() != 0:
+        return None
+    from tensorboardX import SummaryWriter
+    return SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+
+
+def file_fingerprint(paths) -> dict[str, str]:
+    """{path: sha256 of its bytes}: which data a run read."""
+    out = {}
+    for path in paths:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out[str(path)] = h.hexdigest()
+    return out
