@@ -49,3 +49,20 @@ def guarded_host_copies(monkeypatch):
             raise RuntimeError(f"Disallowed device-to-host transfer: {self.aval}")
         return real.fget(self)
     monkeypatch.setattr(array.ArrayImpl, "_value", property(checked))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(shared_data, tmp_path_factory):
+    """A randomly initialised tiny BERT with the real uncased vocabulary, as our
+    checkpoint folder (the starting point of the fine-tuning tests)."""
+    import jax
+    from flax import linen as nn
+    from bert_jax.interop import convert
+    from bert_jax.model.config import ModelConfig
+    from bert_jax.model.heads import init_params
+    cfg = ModelConfig(family="bert", vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, intermediate_size=37, max_position_embeddings=200)
+    params = nn.unbox(init_params(cfg, "base", jax.random.key(0)))
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    convert.save_ours(out, cfg, "base", jax.device_get(params), shared_data / "vocab/bert-base-uncased")
+    return out

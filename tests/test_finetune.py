@@ -3,15 +3,8 @@ type (classification, sentence pairs, regression, NER, extractive QA); checkpoin
 mismatches are named."""
 
 import json
-import os
-import random
-import signal
-import subprocess
-import sys
-import time
 
 import jax
-import numpy as np
 import pytest
 from flax import linen as nn
 
@@ -19,17 +12,6 @@ from bert_jax.interop import convert
 from bert_jax.model.config import ModelConfig
 from bert_jax.model.heads import init_params
 from bert_jax.training.finetuning import FinetuneError, FinetuneOptions, Finetuner
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(shared_data, tmp_path_factory):
-    """A randomly initialised tiny BERT with the real uncased vocabulary."""
-    cfg = ModelConfig(family="bert", vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                      num_attention_heads=4, intermediate_size=37, max_position_embeddings=200)
-    params = nn.unbox(init_params(cfg, "base", jax.random.key(0)))
-    out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    convert.save_ours(out, cfg, "base", jax.device_get(params), shared_data / "vocab/bert-base-uncased")
-    return out
 
 
 def head(path, n, tmp_path, name):
@@ -256,135 +238,3 @@ def test_missing_inputs_and_unusable_training_data_are_named(shared_data, tiny_c
     with pytest.raises(FinetuneError, match=r"--train_file=.*bad_squad.json: no usable training example"):
         Finetuner(FinetuneOptions(**dict(opts, task="qa", train_file=str(bad))))
     assert not (tmp_path / "wd").exists()
-
-
-# ------------------------------------------------------------ resume and mesh ----
-def _resume_options(ckpt, train, wd, **kw):
-    return FinetuneOptions(task="classification", init_checkpoint=str(ckpt), train_file=str(train),
-                           workdir=str(wd), batch_size=16, learning_rate=1e-3, epochs=2,
-                           warmup_proportion=0.25, dropout=0.1, max_seq_length=48, progress_bar=False,
-                           **{"mesh_data": 1, **kw})
-
-
-def _losses(wd):
-    return {r["step"]: r["loss"] for r in map(json.loads, (wd / "metrics.jsonl").read_text().splitlines())}
-
-
-def _assert_bit_identical(a, b):
-    fa, fb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
-    assert [k for k, _ in fa] == [k for k, _ in fb]
-    for (k, x), (_, y) in zip(fa, fb):
-        assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(k)
-
-
-@pytest.fixture(scope="module")
-def straight(shared_data, tiny_checkpoint, tmp_path_factory):
-    """8 steps (64 rows, batch 16, 2 epochs, dropout on) without a stop."""
-    tmp = tmp_path_factory.mktemp("straight")
-    train = head(shared_data / "classification/sst2/train.tsv", 64, tmp, "train.tsv")
-    Finetuner(_resume_options(tiny_checkpoint, train, tmp / "wd")).run()
-    return train, tmp / "wd"
-
-
-def test_finetune_resumes_exactly(tiny_checkpoint, straight, tmp_path):
-    """4 steps, stop (as on SIGTERM: a checkpoint at the current step), 4 more on the same
-    workdir: the same losses and bit-identical params as 8 steps straight (data order and
-    dropout continue where they stopped)."""
-    train, ref = straight
-    s = Finetuner(_resume_options(tiny_checkpoint, train, tmp_path / "wd", stop_at_step=4)).run()
-    assert s["stopped_early"] and s["step"] == 4 and sorted(_losses(tmp_path / "wd")) == [1, 2, 3, 4]
-    assert not (tmp_path / "wd/results.json").exists()
-    Finetuner(_resume_options(tiny_checkpoint, train, tmp_path / "wd")).run()
-    assert _losses(tmp_path / "wd") == _losses(ref) and len(_losses(ref)) == 8
-    _assert_bit_identical(convert.load(tmp_path / "wd/best")[2], convert.load(ref / "best")[2])
-
-
-def test_finetune_on_a_2x2x2_mesh_equals_one_device(tiny_checkpoint, straight, tmp_path):
-    train, ref = straight
-    Finetuner(_resume_options(tiny_checkpoint, train, tmp_path / "wd", mesh_data=2, mesh_fsdp=2,
-                              mesh_tensor=2)).run()
-    got, want = _losses(tmp_path / "wd"), _losses(ref)
-    assert sorted(got) == sorted(want)
-    np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 convert.load(tmp_path / "wd/best")[2], convert.load(ref / "best")[2])
-
-
-def _finetune_cmd(ckpt, train, wd, *extra):
-    return [sys.executable, "-m", "bert_jax.jobs.finetune", "--task=classification", f"--init_checkpoint={ckpt}",
-            f"--train_file={train}", f"--workdir={wd}", "--batch_size=8", "--learning_rate=1e-3",
-            "--epochs=2", "--warmup_proportion=0.25", "--dropout=0.1", "--max_seq_length=48",
-            "--noprogress_bar", "--mesh_data=1", *extra]
-
-
-@pytest.mark.slow
-def test_finetune_resumes_exactly_after_sigkill(shared_data, tiny_checkpoint, tmp_path):
-    """Killed with SIGKILL at a random moment with --checkpoint_every=2 (async saves often
-    in flight), the rerun gives every step's loss and the final params of a run that was
-    never killed, bit for bit."""
-    train = head(shared_data / "classification/sst2/train.tsv", 96, tmp_path, "train.tsv")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    subprocess.run(_finetune_cmd(tiny_checkpoint, train, tmp_path / "ref"), env=env, check=True,
-                   capture_output=True)
-    cmd = _finetune_cmd(tiny_checkpoint, train, tmp_path / "wd", "--checkpoint_every=2")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "wd/metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
-        time.sleep(0.02)
-    time.sleep(random.Random(os.getpid()).uniform(0.0, 1.0))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert max(_losses(tmp_path / "wd")) < 24, "the run finished before it could be killed"
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
-    assert _losses(tmp_path / "wd") == _losses(tmp_path / "ref")
-    _assert_bit_identical(convert.load(tmp_path / "wd/best")[2], convert.load(tmp_path / "ref/best")[2])
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_finetune_in_two_processes_equals_one(shared_data, tiny_checkpoint, tmp_path):
-    """Two processes joined by jax.distributed (one CPU device each) fine-tune like one
-    process with two devices: same losses, same params, files written once."""
-    train = head(shared_data / "classification/sst2/train.tsv", 64, tmp_path, "train.tsv")
-    extra = [f"--eval_files=train={train}", "--select_on=train", "--mesh_data=-1"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    port = _free_port()
-    procs = [subprocess.Popen(_finetune_cmd(tiny_checkpoint, train, tmp_path / "multi", *extra,
-                                            f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                                            f"--process_id={i}"),
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    outs = [p.communicate(timeout=400)[0] for p in procs]
-    why = lambda out: "\n".join(l for l in out.splitlines() if "rror" in l or "Fatal" in l or "F1" in l[:3])
-    assert all(p.returncode == 0 for p in procs), why(outs[0])[-3000:] + "\n---\n" + why(outs[1])[-3000:]
-    env2 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    subprocess.run(_finetune_cmd(tiny_checkpoint, train, tmp_path / "single", *extra), env=env2, check=True,
-                   capture_output=True)
-    multi, single = _losses(tmp_path / "multi"), _losses(tmp_path / "single")
-    assert sorted(multi) == sorted(single) == list(range(1, 17))
-    np.testing.assert_allclose([multi[k] for k in multi], [single[k] for k in multi], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 convert.load(tmp_path / "multi/best")[2], convert.load(tmp_path / "single/best")[2])
-    res = lambda d: json.loads((tmp_path / d / "results.json").read_text())["eval"]
-    assert res("multi")["train"] == pytest.approx(res("single")["train"])
-
-
-def test_unlogged_finetune_steps_copy_nothing_to_the_host(tiny_checkpoint, straight, tmp_path, monkeypatch,
-                                                         guarded_host_copies):
-    train, ref = straight
-    Finetuner(_resume_options(tiny_checkpoint, train, tmp_path / "wd", unlogged_transfers="disallow",
-                              checkpoint_every=0)).run()
-    assert _losses(tmp_path / "wd") == _losses(ref)
-    from bert_jax.training import train as train_lib
-    real = train_lib.wait_previous
-    monkeypatch.setattr(train_lib, "wait_previous", lambda prev, cur: (float(cur), real(prev, cur))[1])
-    with pytest.raises(Exception, match="[Dd]isallowed device-to-host transfer"):
-        Finetuner(_resume_options(tiny_checkpoint, train, tmp_path / "leak", unlogged_transfers="disallow",
-                                  checkpoint_every=0)).run()

@@ -8,27 +8,12 @@ import json
 import subprocess
 import sys
 
-import jax
 import pytest
-from flax import linen as nn
 
-from bert_jax.interop import convert
 from bert_jax.jobs.predict import PredictError, PredictOptions, predict
-from bert_jax.model.config import ModelConfig
-from bert_jax.model.heads import init_params
 from bert_jax.training.finetuning import FinetuneError, FinetuneOptions, Finetuner
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(shared_data, tmp_path_factory):
-    cfg = ModelConfig(family="bert", vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                      num_attention_heads=4, intermediate_size=37, max_position_embeddings=200)
-    params = nn.unbox(init_params(cfg, "base", jax.random.key(0)))
-    out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    convert.save_ours(out, cfg, "base", jax.device_get(params), shared_data / "vocab/bert-base-uncased")
-    return out
 
 
 def finetune(ckpt, wd, task, train, evals, **kw):
