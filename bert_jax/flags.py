@@ -14,6 +14,7 @@ import logging as std_logging
 import os
 import pathlib
 import sys
+import types
 import typing
 from typing import Any, Iterator
 
@@ -40,7 +41,7 @@ class FlagField:
 
 def _kind(tp) -> Any:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
         return args[0]
     return tp
 

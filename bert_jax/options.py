@@ -68,6 +68,16 @@ UNLOGGED_TRANSFERS_HELP = ("JAX's device-to-host transfer guard on steps that lo
                            "nothing: `log` or `disallow` find a stray copy that stalls the step pipeline.")
 
 
+@dataclasses.dataclass(frozen=True)
+class RunOptions(MeshOptions, DistributedOptions):
+    """What both training loops share: the mesh, processes, stopping, observing."""
+    async_checkpoint: bool = option(True, "Save checkpoints in the background.")
+    progress_bar: bool = option(True, "Show a progress bar.")
+    stop_at_step: int | None = option(None, "Checkpoint and exit at this step, keeping the schedule.")
+    unlogged_transfers: str = option("allow", UNLOGGED_TRANSFERS_HELP, choices=("allow", "log", "disallow"))
+    resolved_flags: str = internal("", "every flag with its final value, as a flag file (the run record)")
+
+
 # ---------------------------------------------------------------------- model ----
 FAMILIES = ("bert", "roberta", "albert")
 OBJECTIVES = ("mlm", "mlm_nsp", "mlm_sop")
@@ -149,7 +159,7 @@ class VocabOptions:
 
 # ------------------------------------------------------------------- pretrain ----
 @dataclasses.dataclass(frozen=True)
-class PretrainOptions(MeshOptions, DistributedOptions):
+class PretrainOptions(RunOptions):
     REQUIRED: ClassVar[tuple[str, ...]] = ("workdir", "corpus")
     workdir: str | None = option(None, "Run folder: checkpoints, metrics, tokenizer. Resumes if it holds a checkpoint.")
     corpus: str | None = option(None, "Comma-separated text files or globs to pretrain on.")
@@ -174,15 +184,10 @@ class PretrainOptions(MeshOptions, DistributedOptions):
     seed: int = option(0, "Seed of init, data order, masking and dropout.")
     checkpoint_every: int = option(500, "Steps between checkpoints.", lower=1)
     keep_checkpoints: int = option(3, "Checkpoints kept.", lower=1)
-    async_checkpoint: bool = option(True, "Save checkpoints in the background.")
     log_every: int = option(50, "Steps between metrics.jsonl lines.", lower=1)
     eval_every: int = option(500, "Steps between held-out evaluations.", lower=1)
     eval_batches: int = option(10, "Held-out batches per evaluation.", lower=1)
     max_nonfinite_streak: int = option(10, "Stop after this many non-finite steps in a row.", lower=1)
-    progress_bar: bool = option(True, "Show a progress bar.")
-    stop_at_step: int | None = option(None, "Checkpoint and exit at this step, keeping the schedule of --train_steps.")
-    unlogged_transfers: str = option("allow", UNLOGGED_TRANSFERS_HELP, choices=("allow", "log", "disallow"))
-    resolved_flags: str = internal("", "every flag with its final value, as a flag file (the run record)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +205,7 @@ SCHEMES = ("IOB1", "IOB2", "BIOES")
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneOptions(MeshOptions, DistributedOptions):
+class FinetuneOptions(RunOptions):
     REQUIRED: ClassVar[tuple[str, ...]] = ("task", "init_checkpoint", "train_file", "workdir")
     task: str | None = option(None, "Task type.", choices=FINETUNE_TASKS)
     init_checkpoint: str | None = option(None, "Our checkpoint folder or a Hugging Face folder.")
@@ -236,14 +241,9 @@ class FinetuneOptions(MeshOptions, DistributedOptions):
     max_train_examples: int | None = option(None, "Seeded subsample of the training set.")
     dropout: float | None = option(None, "Override the checkpoint's dropout.")
     dtype: str = option("float32", "Compute dtype.", choices=("float32", "bfloat16"))
-    progress_bar: bool = option(True, "Show a progress bar.")
     checkpoint_every: int = option(500, "Steps between checkpoints (0: only at the end); a rerun on the "
                                    "same --workdir resumes from the last one.", lower=0)
     keep_checkpoints: int = option(2, "Checkpoints kept.", lower=1)
-    async_checkpoint: bool = option(True, "Save checkpoints in the background.")
-    stop_at_step: int | None = option(None, "Checkpoint and exit at this step, keeping the schedule.")
-    unlogged_transfers: str = option("allow", UNLOGGED_TRANSFERS_HELP, choices=("allow", "log", "disallow"))
-    resolved_flags: str = internal("", "every flag with its final value, as a flag file (the run record)")
 
 
 # -------------------------------------------------------------------- predict ----

@@ -5,6 +5,7 @@ before training, Latin-1 files, headerless files, the selection set."""
 
 import csv
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import pytest
 from bert_jax.jobs.predict import PredictError, PredictOptions, predict
 from bert_jax.training.finetuning import FinetuneError, FinetuneOptions, Finetuner
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def finetune(ckpt, wd, task, train, evals, **kw):

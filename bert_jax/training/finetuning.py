@@ -249,12 +249,13 @@ class Finetuner:
                      or "none")
 
     def _initial_state(self):
-        """A fresh state on the mesh holding the loaded backbone and the fresh head."""
-        state = train.create_state(self.cfg, self.tx, self.o.max_seq_length, self.o.seed, self.mesh,
-                                   self.state_sh, task=self.mtask)
+        """The state at step 0 on the mesh around the loaded backbone and the fresh head
+        (self.params); its dropout key is split from --seed as pretraining's is."""
         placed = jax.tree.map(lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda i: x[i]),
                               self.params, self.state_sh.params)
-        return state.replace(params=placed)
+        run_rng = jax.random.split(jax.random.key(self.o.seed))[1]
+        with jax.set_mesh(self.mesh):
+            return jax.jit(lambda p: train.new_state(p, self.tx, run_rng), out_shardings=self.state_sh)(placed)
 
     def _run(self) -> dict:
         o, task, mesh = self.o, self.task, self.mesh
@@ -395,14 +396,6 @@ NOT_RECORDED = ("workdir", "progress_bar", "mesh_data", "mesh_fsdp", "mesh_tenso
 
 def run_record(o: FinetuneOptions) -> dict:
     return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(o).items() if k not in NOT_RECORDED}))
-
-
-def loss_fn(kind: str, model, params, batch, rng, deterministic=False):
-    """The task's training loss of `model` with `params` on `batch`."""
-    out = model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
-                      batch["attention_mask"], deterministic=deterministic,
-                      rngs=None if deterministic else {"dropout": rng})
-    return finetune_tasks.TASKS[kind](None).loss(out, batch)
 
 
 def check_workdir(wd: pathlib.Path, o: FinetuneOptions) -> dict | None:

@@ -175,15 +175,9 @@ def run(o: PretrainOptions) -> dict:
         return _run(o, workdir)
 
 
-def check_batch(o: PretrainOptions, mesh) -> None:
-    """--batch_size against the mesh, processes and --grad_accum, before any tokenizer or
-    cache is built (train.check_batch)."""
-    train.check_batch(o.batch_size, o.grad_accum, mesh)
-
-
 def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     mesh = sharding.make_mesh(o.mesh_data, o.mesh_fsdp, o.mesh_tensor)
-    check_batch(o, mesh)
+    train.check_batch(o.batch_size, o.grad_accum, mesh)  # before any tokenizer or cache is built
     tok, tok_dir = prepare_tokenizer(o, workdir)
     cfg = model_config(o, tok)
     ckpt_lib.check_same_architecture(workdir, cfg)

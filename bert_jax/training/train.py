@@ -45,6 +45,11 @@ def _init_boxed(cfg: ModelConfig, tx: optax.GradientTransformation, seq_len: int
     model = build_model(cfg, task)
     init_rng, run_rng = jax.random.split(rng)
     params = model.init(init_rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+    return new_state(params, tx, run_rng)
+
+
+def new_state(params, tx: optax.GradientTransformation, run_rng) -> TrainState:
+    """The state at step 0 around `params`; `run_rng` keys dropout."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(run_rng), nonfinite_total=jnp.zeros((), jnp.int32),
                       nonfinite_streak=jnp.zeros((), jnp.int32))
