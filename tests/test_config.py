@@ -119,8 +119,8 @@ def test_unknown_variant():
 def test_objective_defaults_to_the_family_and_is_checked():
     from bert_jax.model.config import ConfigError, ModelConfig
     assert [ModelConfig(family=f).objective for f in ("bert", "roberta", "albert")] == ["mlm_nsp", "mlm", "mlm_sop"]
-    assert ModelConfig(family="albert", objective="mlm").sentence_objective == "none"
-    assert ModelConfig(family="bert", objective="mlm_sop").sentence_objective == "sop"
+    assert ModelConfig(family="albert", objective="mlm").pretraining_objective.instance_kind == "none"
+    assert ModelConfig(family="bert", objective="mlm_sop").pretraining_objective.instance_kind == "sop"
     # Changing the family keeps a chosen objective and re-derives a default one.
     assert ModelConfig(family="bert").replace(family="albert").objective == "mlm_sop"
     assert ModelConfig(family="bert", objective="mlm").replace(family="albert").objective == "mlm"

@@ -264,7 +264,7 @@ def test_packed_rows_losses_equal_each_example_alone(corpus, tok_dir, family, ob
     tok = Tokenizer.load(tok_dir)
     cfg = tiny.config(family, vocab_size=2000, max_position_embeddings=70, pad_token_id=tok.pad_id,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    assert cfg.sentence_objective == objective
+    assert cfg.pretraining_objective.instance_kind == objective
     row = batches(source(corpus, tok_dir, objective, batch=2, per_row=3, instance_len=24), 1)[0]
     assert row["segment_ids"].max() >= 2 and row["sentence_weights"].sum() >= 3
     params = nn.unbox(init_params(cfg, "pretraining", jax.random.key(1)))

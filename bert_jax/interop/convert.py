@@ -22,6 +22,7 @@ from bert_jax import paths
 from bert_jax.data.tokenizer import copy_files as copy_tokenizer_files
 from bert_jax.errors import BertJaxError
 from bert_jax.interop import rename
+from bert_jax.model import objectives
 from bert_jax.model.config import ModelConfig
 from bert_jax.training import checkpoint
 
@@ -34,10 +35,9 @@ for _fam, _Fam in (("bert", "Bert"), ("roberta", "Roberta"), ("albert", "Albert"
         f"{_Fam}ForSequenceClassification": (_fam, "sequence_classification", None),
         f"{_Fam}ForTokenClassification": (_fam, "token_classification", None),
         f"{_Fam}ForQuestionAnswering": (_fam, "question_answering", None),
-        f"{_Fam}ForMaskedLM": (_fam, "pretraining", "mlm"),
     })
-ARCHITECTURES.update({"BertForPreTraining": ("bert", "pretraining", "mlm_nsp"),
-                      "AlbertForPreTraining": ("albert", "pretraining", "mlm_sop")})
+for _obj in objectives.OBJECTIVES.values():  # each objective's class per family
+    ARCHITECTURES.update({cls: (fam, "pretraining", _obj.name) for fam, (cls, _) in _obj.hf.items()})
 _HF_CLASS = {(f, t, o): a for a, (f, t, o) in ARCHITECTURES.items()}
 
 

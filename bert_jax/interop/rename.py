@@ -155,26 +155,25 @@ def has_pooler(cfg: ModelConfig, task: str) -> bool:
     if task == "base":
         return True
     if task == "pretraining":
-        return cfg.sentence_objective != "none"
+        return cfg.pretraining_objective.sentence_task is not None
     return task == "sequence_classification" and cfg.family != "roberta"
 
 
-# The sentence heads Hugging Face holds: BERT's NSP (BertForPreTraining) and ALBERT's SOP
-# (AlbertForPreTraining). No transformers class holds NSP on ALBERT or RoBERTa, or SOP on
-# BERT or RoBERTa; exporting those refuses rather than relabel the head.
-HF_SENTENCE_HEAD = {("bert", "nsp"): "cls.seq_relationship", ("albert", "sop"): "sop_classifier.classifier"}
-
-
 def _sentence_head_entries(cfg: ModelConfig) -> list[Entry]:
-    kind = cfg.sentence_objective
-    if kind == "none":
+    """The objective's sentence head under the name its Hugging Face class gives it.
+    Where no class holds that head on this family (transformers has BERT's NSP in
+    BertForPreTraining and ALBERT's SOP in AlbertForPreTraining only), refuse rather
+    than relabel it."""
+    obj = cfg.pretraining_objective
+    if obj.sentence_task is None:
         return []
-    if (cfg.family, kind) not in HF_SENTENCE_HEAD:
-        held = ", ".join(f"{k.upper()} on {f}" for f, k in HF_SENTENCE_HEAD)
+    if cfg.family not in obj.hf:
+        kind = obj.sentence_task.upper()
+        held = ", ".join(f"{kind} on {f}" for f in obj.hf)
         raise RenameError(f"objective={cfg.objective!r} on family {cfg.family!r}: no Hugging Face "
-                          f"class holds a {kind.upper()} head on {cfg.family} (transformers has "
+                          f"class holds a {kind} head on {cfg.family} (transformers has "
                           f"{held}, and masked LM alone on every family)")
-    return _linear(("sentence",), HF_SENTENCE_HEAD[(cfg.family, kind)])
+    return _linear(("sentence",), obj.hf[cfg.family][1])
 
 
 def hf_entries(cfg: ModelConfig, task: str) -> list[Entry]:

@@ -20,6 +20,7 @@ import dataclasses
 from typing import Literal
 
 from bert_jax.errors import BertJaxError
+from bert_jax.model import objectives
 
 FAMILIES = ("bert", "roberta", "albert")
 ACTIVATIONS = ("gelu", "gelu_new", "relu")
@@ -27,9 +28,8 @@ SHARE_SCOPES = ("all", "attention", "ffn", "none")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-# Pretraining objectives: masked LM alone (RoBERTa), plus next-sentence prediction (BERT)
-# or sentence-order prediction (ALBERT). Any family takes any of them.
-OBJECTIVES = ("mlm", "mlm_nsp", "mlm_sop")
+# Pretraining objectives (objectives.py): any family takes any of them.
+OBJECTIVES = tuple(objectives.OBJECTIVES)
 FAMILY_OBJECTIVE = {"bert": "mlm_nsp", "roberta": "mlm", "albert": "mlm_sop"}
 
 
@@ -104,9 +104,9 @@ class ModelConfig:
         return self.max_position_embeddings - self.position_offset
 
     @property
-    def sentence_objective(self) -> str:
-        """The objective's sentence-level task: nsp, sop or none."""
-        return {"mlm": "none", "mlm_nsp": "nsp", "mlm_sop": "sop"}[self.objective]
+    def pretraining_objective(self) -> objectives.Objective:
+        """The `objective` named: its heads, instances, loss and export class."""
+        return objectives.get(self.objective)
 
     @property
     def head_dropout(self) -> float:
@@ -139,7 +139,7 @@ def _validate(c: ModelConfig) -> None:
             raise ConfigError(f"{field}={getattr(c, field)!r}: {msg}")
 
     need(c.family in FAMILIES, "family", f"must be one of {FAMILIES}")
-    need(c.objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}")
+    need(c.objective in objectives.OBJECTIVES, "objective", f"must be one of {tuple(objectives.OBJECTIVES)}")
     for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
               "intermediate_size", "max_position_embeddings", "type_vocab_size",
               "inner_group_num", "num_hidden_groups", "num_labels"):

@@ -53,13 +53,13 @@ class MLMHead(nn.Module):
 
 
 class PreTrainingModel(nn.Module):
-    """MLM plus the objective's sentence head (cfg.objective: mlm_nsp, mlm_sop or mlm,
-    by default NSP for BERT, SOP for ALBERT, none for RoBERTa). Returns `mlm_logits` BxPxV (float32) and `sentence_logits` Bx2 (BxKx2 with
+    """MLM plus the sentence head of cfg.objective (objectives.py), if it has one. Returns `mlm_logits` BxPxV (float32) and `sentence_logits` Bx2 (BxKx2 with
     `sentence_positions_BxK`, one per packed example) or None."""
     cfg: ModelConfig
 
     def setup(self):
-        self.has_sentence_head = self.cfg.sentence_objective != "none"
+        self.objective = self.cfg.pretraining_objective
+        self.has_sentence_head = self.objective.sentence_task is not None
         self.backbone = Backbone(self.cfg, add_pooler=self.has_sentence_head)
         self.mlm = MLMHead(self.cfg)
         if self.has_sentence_head:
@@ -80,7 +80,7 @@ class PreTrainingModel(nn.Module):
                   "sentence_logits": None}
         if self.has_sentence_head:
             pooled_BxH = out["pooled_output"]
-            if self.cfg.sentence_objective == "sop":  # as HF AlbertSOPHead: dropout first
+            if self.objective.sentence_dropout:  # as HF AlbertSOPHead: dropout first
                 pooled_BxH = self.sentence_dropout(pooled_BxH, deterministic=deterministic)
             result["sentence_logits"] = self.sentence(pooled_BxH).astype(jnp.float32)
         return result
