@@ -51,6 +51,9 @@ class DistributedOptions:
     coordinator_address: str | None = option(None, "host:port of process 0 (multi-host).")
     num_processes: int | None = option(None, "Number of processes (multi-host).")
     process_id: int | None = option(None, "This process's index (multi-host).")
+    heartbeat_timeout: int = option(
+        30, "Multi-process: seconds without a heartbeat after which the other processes count a "
+        "process as lost and exit with an error (a dead peer would otherwise hang collectives).", lower=5)
     deterministic_gpu: bool = option(
         False, "GPU only: forbid XLA's nondeterministic kernels (scatter-add of embedding "
         "gradients, some reductions use atomics), so that a GPU run repeats bit for bit, at some "
@@ -73,6 +76,12 @@ class RunOptions(MeshOptions, DistributedOptions):
     """What both training loops share: the mesh, processes, stopping, observing."""
     async_checkpoint: bool = option(True, "Save checkpoints in the background.")
     progress_bar: bool = option(True, "Show a progress bar.")
+    log_every: int = option(50, "Steps between training lines in metrics.jsonl (means over those steps).", lower=1)
+    max_nonfinite_streak: int = option(10, "Stop after this many non-finite steps in a row (their "
+                                       "updates are skipped).", lower=1)
+    best_metric: str | None = option(
+        None, "Evaluation metric that chooses <workdir>/best/ (metrics named *loss* lower is better). "
+        "Default: fine-tuning, the task's; pretraining, held-out mlm_accuracy.")
     stop_at_step: int | None = option(None, "Checkpoint and exit at this step, keeping the schedule.")
     unlogged_transfers: str = option("allow", UNLOGGED_TRANSFERS_HELP, choices=("allow", "log", "disallow"))
     resolved_flags: str = internal("", "every flag with its final value, as a flag file (the run record)")
@@ -184,10 +193,8 @@ class PretrainOptions(RunOptions):
     seed: int = option(0, "Seed of init, data order, masking and dropout.")
     checkpoint_every: int = option(500, "Steps between checkpoints.", lower=1)
     keep_checkpoints: int = option(3, "Checkpoints kept.", lower=1)
-    log_every: int = option(50, "Steps between metrics.jsonl lines.", lower=1)
     eval_every: int = option(500, "Steps between held-out evaluations.", lower=1)
     eval_batches: int = option(10, "Held-out batches per evaluation.", lower=1)
-    max_nonfinite_streak: int = option(10, "Stop after this many non-finite steps in a row.", lower=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +244,6 @@ class FinetuneOptions(RunOptions):
     warmup_proportion: float = option(0.1, "Fraction of steps of linear warmup.", lower=0.0, upper=1.0)
     weight_decay: float = option(0.01, "AdamW weight decay.")
     eval_every: int = option(0, "Steps between evaluations (0: at the end).", lower=0)
-    best_metric: str | None = option(None, "Metric that selects the best checkpoint.")
     max_train_examples: int | None = option(None, "Seeded subsample of the training set.")
     dropout: float | None = option(None, "Override the checkpoint's dropout.")
     dtype: str = option("float32", "Compute dtype.", choices=("float32", "bfloat16"))

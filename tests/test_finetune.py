@@ -113,11 +113,13 @@ def test_unknown_best_metric_is_named(tiny_checkpoint, tmp_path):
 
 
 def test_best_selection_counts_the_first_eval_and_never_prefers_nan():
-    from bert_jax.training.finetuning import improves
+    from bert_jax.training.runlog import Best
+    improves = lambda score, best: Best("accuracy", best).improves(score)
     nan = float("nan")
     assert improves(nan, None) and improves(0.1, None)   # the first evaluation always saves
     assert improves(0.2, nan) and not improves(nan, 0.2)  # constant predictions: Pearson NaN
     assert improves(0.3, 0.2) and not improves(0.2, 0.2) and not improves(nan, nan)
+    assert Best("mlm_loss", 2.0).improves(1.5) and not Best("mlm_loss", 2.0).improves(2.5)  # losses: lower
 
 
 def test_export_keeps_label_names_and_report_reads_every_run(shared_data, tiny_checkpoint, tmp_path):

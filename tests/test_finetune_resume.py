@@ -3,6 +3,7 @@ the (data, fsdp, tensor) mesh, two processes, and no host copies on unlogged ste
 
 import json
 import os
+import pathlib
 import random
 import signal
 import subprocess
@@ -19,17 +20,20 @@ from bert_jax.training.finetuning import Finetuner
 
 from test_finetune import head
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
 
 # ------------------------------------------------------------ resume and mesh ----
 def _resume_options(ckpt, train, wd, **kw):
     return FinetuneOptions(task="classification", init_checkpoint=str(ckpt), train_file=str(train),
                            workdir=str(wd), batch_size=16, learning_rate=1e-3, epochs=2,
                            warmup_proportion=0.25, dropout=0.1, max_seq_length=48, progress_bar=False,
-                           **{"mesh_data": 1, **kw})
+                           **{"mesh_data": 1, "log_every": 1, **kw})
 
 
 def _losses(wd):
-    return {r["step"]: r["loss"] for r in map(json.loads, (wd / "metrics.jsonl").read_text().splitlines())}
+    return {r["step"]: r["loss"] for r in map(json.loads, (wd / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
 
 
 def _assert_bit_identical(a, b):
@@ -76,7 +80,7 @@ def _finetune_cmd(ckpt, train, wd, *extra):
     return [sys.executable, "-m", "bert_jax.jobs.finetune", "--task=classification", f"--init_checkpoint={ckpt}",
             f"--train_file={train}", f"--workdir={wd}", "--batch_size=8", "--learning_rate=1e-3",
             "--epochs=2", "--warmup_proportion=0.25", "--dropout=0.1", "--max_seq_length=48",
-            "--noprogress_bar", "--mesh_data=1", *extra]
+            "--noprogress_bar", "--mesh_data=1", "--log_every=1", *extra]
 
 
 @pytest.mark.slow
@@ -103,29 +107,21 @@ def test_finetune_resumes_exactly_after_sigkill(shared_data, tiny_checkpoint, tm
     _assert_bit_identical(convert.load(tmp_path / "wd/best")[2], convert.load(tmp_path / "ref/best")[2])
 
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_finetune_in_two_processes_equals_one(shared_data, tiny_checkpoint, tmp_path):
-    """Two processes joined by jax.distributed (one CPU device each) fine-tune like one
-    process with two devices: same losses, same params, files written once."""
+    """`./launch.sh --procs=2 finetune`: two processes joined by jax.distributed (one CPU
+    device each) fine-tune like one process with two devices: same losses, same params,
+    files written once."""
     train = head(shared_data / "classification/sst2/train.tsv", 64, tmp_path, "train.tsv")
     extra = [f"--eval_files=train={train}", "--select_on=train", "--mesh_data=-1"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    port = _free_port()
-    procs = [subprocess.Popen(_finetune_cmd(tiny_checkpoint, train, tmp_path / "multi", *extra,
-                                            f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                                            f"--process_id={i}"),
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    outs = [p.communicate(timeout=400)[0] for p in procs]
-    why = lambda out: "\n".join(l for l in out.splitlines() if "rror" in l or "Fatal" in l or "F1" in l[:3])
-    assert all(p.returncode == 0 for p in procs), why(outs[0])[-3000:] + "\n---\n" + why(outs[1])[-3000:]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               BERT_JAX_VENV=sys.prefix)
+    job = _finetune_cmd(tiny_checkpoint, train, tmp_path / "multi", *extra)[3:]  # after `python -m bert_jax.jobs.finetune`
+    p = subprocess.run([str(REPO / "launch.sh"), "--procs=2", "finetune", *job], env=env, capture_output=True,
+                       text=True, timeout=400)
+    why = "\n".join(l for l in (p.stdout + p.stderr).splitlines() if "rror" in l or "Fatal" in l or "F1" in l[:3])
+    assert p.returncode == 0, why[-4000:]
+    assert "--num_processes=2" in p.stderr  # launch.sh started two processes
     env2 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     subprocess.run(_finetune_cmd(tiny_checkpoint, train, tmp_path / "single", *extra), env=env2, check=True,
                    capture_output=True)
@@ -140,13 +136,19 @@ def test_finetune_in_two_processes_equals_one(shared_data, tiny_checkpoint, tmp_
 
 def test_unlogged_finetune_steps_copy_nothing_to_the_host(tiny_checkpoint, straight, tmp_path, monkeypatch,
                                                          guarded_host_copies):
+    """Logging every 4th step (lines are means over those steps), the 6 quiet steps run
+    under the transfer guard; the run equals the straight one."""
     train, ref = straight
     Finetuner(_resume_options(tiny_checkpoint, train, tmp_path / "wd", unlogged_transfers="disallow",
-                              checkpoint_every=0)).run()
-    assert _losses(tmp_path / "wd") == _losses(ref)
+                              checkpoint_every=0, log_every=4)).run()
+    got, want = _losses(tmp_path / "wd"), _losses(ref)
+    assert sorted(got) == [4, 8]
+    assert got[4] == pytest.approx(np.mean([want[s] for s in range(1, 5)]), rel=1e-6)
+    assert got[8] == pytest.approx(np.mean([want[s] for s in range(5, 9)]), rel=1e-6)
+    _assert_bit_identical(convert.load(tmp_path / "wd/best")[2], convert.load(ref / "best")[2])
     from bert_jax.training import train as train_lib
     real = train_lib.wait_previous
     monkeypatch.setattr(train_lib, "wait_previous", lambda prev, cur: (float(cur), real(prev, cur))[1])
     with pytest.raises(Exception, match="[Dd]isallowed device-to-host transfer"):
         Finetuner(_resume_options(tiny_checkpoint, train, tmp_path / "leak", unlogged_transfers="disallow",
-                                  checkpoint_every=0)).run()
+                                  checkpoint_every=0, log_every=4)).run()

@@ -30,14 +30,15 @@ NAN = float("nan")
 def read_metrics(path: pathlib.Path) -> tuple[list[dict], list[dict]]:
     """(train records, evaluation records), the last record per step winning (a resumed
     run re-logs the steps after its checkpoint). A record with a `loss` is a training
-    step; pretraining's held-out records (heldout_*) and fine-tuning's evaluations
-    (eval_*) are collected apart (fine-tuning writes them into its step record)."""
+    step; evaluations are eval_<set>_<metric> (runlog.py; logs written before that schema
+    named pretraining's held-out figures heldout_*, read as eval_heldout_*)."""
     train, evals = {}, {}
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
         r = json.loads(line)
-        scores = {k: v for k, v in r.items() if k.startswith(("heldout_", "eval_"))}
+        scores = {("eval_" + k if k.startswith("heldout_") else k): v for k, v in r.items()
+                  if k.startswith(("heldout_", "eval_"))}
         if scores:
             evals[r["step"]] = dict(step=r["step"], **scores)
         if "loss" in r:
@@ -53,12 +54,12 @@ def summarize(run: pathlib.Path) -> dict | None:
     row = {"run": run.name, "steps": train[-1]["step"], "train_loss": train[-1]["loss"]}
     if any("mlm_loss" in r for r in train):
         row["kind"] = "pretrain"
-        held = [r for r in evals if "heldout_mlm_loss" in r]
+        held = [r for r in evals if "eval_heldout_mlm_loss" in r]
         last = held[-1] if held else {}
-        row.update(heldout_mlm_loss=last.get("heldout_mlm_loss", NAN),
-                   heldout_mlm_accuracy=last.get("heldout_mlm_accuracy", NAN),
-                   best_heldout_mlm_accuracy=max((r["heldout_mlm_accuracy"] for r in held), default=NAN),
-                   heldout_sentence_accuracy=last.get("heldout_sentence_accuracy", NAN))
+        row.update(heldout_mlm_loss=last.get("eval_heldout_mlm_loss", NAN),
+                   heldout_mlm_accuracy=last.get("eval_heldout_mlm_accuracy", NAN),
+                   best_heldout_mlm_accuracy=max((r["eval_heldout_mlm_accuracy"] for r in held), default=NAN),
+                   heldout_sentence_accuracy=last.get("eval_heldout_sentence_accuracy", NAN))
         return row
     row["kind"] = "finetune"
     results = run / "results.json"

@@ -21,9 +21,10 @@ import numpy as np
 
 from bert_jax import flags
 from bert_jax.tasks import finetune_tasks
-from bert_jax.training.finetuning import (FinetuneError, FinetuneOptions, StepLog, batch_order, evaluate,
+from bert_jax.training.finetuning import (FinetuneError, FinetuneOptions, batch_order, evaluate,
                                  plan, read_inputs, write_eval)
 from bert_jax.data.tokenizer import Tokenizer
+from bert_jax.training import runlog
 
 HF_CLASS = {"sequence_classification": "AutoModelForSequenceClassification",
             "token_classification": "AutoModelForTokenClassification",
@@ -78,7 +79,7 @@ class HFPeer:
                                  {"params": no_decay, "weight_decay": 0.0}], lr=o.learning_rate, eps=1e-6)
         sched = transformers.get_linear_schedule_with_warmup(opt, warmup, total)
         self.model.train()
-        log = StepLog(wd / "metrics.jsonl")
+        path, losses = wd / runlog.METRICS_FILE, []
         for s, idx in enumerate(batch_order(n, o.batch_size, total, o.seed), start=1):
             lr = sched.get_last_lr()[0]
             loss = self.model(**self._tensors(self.train, idx)).loss
@@ -87,8 +88,11 @@ class HFPeer:
             opt.step()
             sched.step()
             opt.zero_grad()
-            log.add({"step": s, "loss": loss.detach(), "learning_rate": lr})
-        log.flush()
+            losses.append(loss.detach())
+            if s % o.log_every == 0 or s == total:  # the job's schema: means since the last line
+                last = float(torch.stack(losses).mean())
+                runlog.append(path, {"step": s, "loss": last, "learning_rate": lr})
+                losses = []
         self.model.eval()
         results = {}
         for name, (ex, feats) in self.inputs.evals.items():
@@ -96,7 +100,7 @@ class HFPeer:
             results[name] = res
             write_eval(self.task, wd / "eval", name, res, ex, preds, self.labels)
             print(f"hf_finetune: {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
-        summary = {"steps": total, "eval": results, "final_train_loss": log.last["loss"], "workdir": str(wd)}
+        summary = {"steps": total, "eval": results, "final_train_loss": last, "workdir": str(wd)}
         (wd / "results.json").write_text(json.dumps(summary, indent=1))
         return summary
 

@@ -40,6 +40,7 @@ from bert_jax.tasks import finetune_tasks
 from bert_jax.tasks.finetune_tasks import INPUTS, Features, Task
 from bert_jax.training import checkpoint
 from bert_jax.training import optim
+from bert_jax.training import runlog
 from bert_jax.training import sharding
 from bert_jax.training import train
 
@@ -280,14 +281,12 @@ class Finetuner:
         except Exception:
             ckpt.close()
             raise
-        metric = o.best_metric or task.default_metric
-        best, best_eval = None, None  # score and (results, predictions) of the best params
+        best = runlog.Best(o.best_metric or task.default_metric)
+        best_eval = None  # (results, predictions) of the best params
         if restored is not None:
-            start, state, saved, _ = restored
-            best = saved["best"]
+            start, state, saved, saved_manifest = restored
+            best.score = saved_manifest.get("best", saved.get("best"))  # older checkpoints: in data
             logging.info("resuming from %s at step %d", ckpt.dir / str(start), start)
-            if chief:
-                keep_metrics_until(wd / "metrics.jsonl", start)
         else:
             start, state = 0, self._initial_state()
         manifest = dict(options=run_record(o), git_revision=checkpoint.git_revision(),
@@ -299,48 +298,48 @@ class Finetuner:
             (wd / "manifest.json").write_text(json.dumps(manifest, indent=1))
             if o.resolved_flags:
                 (wd / "flags.txt").write_text(o.resolved_flags)
-        lrs = np.asarray(jax.vmap(optim.schedule(self.optim_config()))(jnp.arange(total)))  # optax counts from 0
-        bar = progress(o, total, f"finetune {o.task}") if chief else None
-        if bar is not None:
-            bar.update(start)
-        log = StepLog(wd / "metrics.jsonl", bar=bar, write=chief,
-                      writer=train.tensorboard_writer(wd) if chief else None)
+        lr_fn = optim.schedule(self.optim_config())
+        log = runlog.RunLog(wd, total=total, start=start, desc=f"finetune {o.task}", progress_bar=o.progress_bar,
+                            max_nonfinite_streak=o.max_nonfinite_streak)
         order = batch_order(n, o.batch_size, total, o.seed)
         for _ in range(start):  # the data order continues where the checkpoint left it
             next(order)
-        s = start
+        s, last_saved = start, start
         try:
             with train.StopOnSigterm() as stop, jax.set_mesh(mesh):
                 in_flight = None
                 for idx in order:
                     nxt = s + 1
+                    logs = nxt % o.log_every == 0 or nxt == total
                     evaluate_now = self.select_on and ((o.eval_every and nxt % o.eval_every == 0) or nxt == total)
                     stop_here = stop.requested or (o.stop_at_step is not None and nxt >= o.stop_at_step)
                     saves = (o.checkpoint_every and nxt % o.checkpoint_every == 0) or nxt == total or stop_here
-                    # A step that writes, evaluates and saves nothing copies nothing to the host.
-                    quiet = not (evaluate_now or saves or log.due())
+                    # A step that logs, evaluates and saves nothing copies nothing to the host.
+                    quiet = not (logs or evaluate_now or saves)
                     with (jax.transfer_guard_device_to_host(o.unlogged_transfers) if quiet
                           else contextlib.nullcontext()):
                         state, m = step_fn(state, train.global_batch(self.train, idx, batch_sh))
+                        log.add(m, state.nonfinite_streak)
                         in_flight = train.wait_previous(in_flight, m["loss"])
-                        s = nxt
-                        rec = {"step": s, "loss": m["loss"], "learning_rate": float(lrs[s - 1])}
-                        if evaluate_now:
-                            ex, feats = self.inputs.evals[self.select_on]
-                            res, preds = evaluate(task, self.apply(state.params), ex, feats, self.labels, self.eval_batch)
-                            rec.update({f"eval_{self.select_on}_{k}": v for k, v in res.items()})
-                            if improves(res[metric], best):
-                                best, best_eval = res[metric], (res, preds)
-                                self._save_best(state.params, wd)
-                        log.add(rec, now=bool(evaluate_now))
-                    if stop_here or stop.requested:  # at --stop_at_step, or SIGTERM during the step
+                    s = nxt
+                    if stop.reached(s) or stop_here:  # SIGTERM (all processes agree on this step), or --stop_at_step
                         stop.requested = saves = True
-                    if saves:
-                        log.flush()  # metrics.jsonl holds every step the checkpoint holds
-                        ckpt.save(s, state, {"best": best}, manifest, force=stop.requested)
+                    elif quiet:
+                        continue
+                    log.check(s, str(ckpt.dir / str(last_saved)) if last_saved else None)
+                    if logs:
+                        log.train(s, lr_fn(s - 1), nonfinite_total=int(state.nonfinite_total))  # optax counts from 0
+                    if evaluate_now:
+                        ex, feats = self.inputs.evals[self.select_on]
+                        res, preds = evaluate(task, self.apply(state.params), ex, feats, self.labels, self.eval_batch)
+                        log.eval(s, self.select_on, res)
+                        if best.offer(res, lambda: self._save_best(state.params, wd)):
+                            best_eval = (res, preds)
+                    if saves or stop.requested:  # also when SIGTERM came while this step evaluated
+                        ckpt.save(s, state, {}, dict(manifest, best=best.score), force=stop.requested)
+                        last_saved = s
                     if stop.requested:
                         break
-            log.flush()
         finally:  # also on an error: in-flight checkpoint saves finish
             ckpt.close()
             log.close()
@@ -362,25 +361,19 @@ class Finetuner:
             results[name] = res
             if chief:
                 write_eval(task, wd / "eval", name, res, ex, preds, self.labels)
-        summary = {"steps": total, "best": {metric: best}, "selected_on": self.select_on,
-                   "eval": results, "final_train_loss": last_loss(wd / "metrics.jsonl"), "workdir": str(wd)}
+        summary = {"steps": total, "best": {best.metric: best.score}, "selected_on": self.select_on,
+                   "eval": results, "final_train_loss": last_loss(log.path), "workdir": str(wd)}
         if chief:
             (wd / "results.json").write_text(json.dumps(summary, indent=1))
         return summary
 
     def _save_best(self, params, wd: pathlib.Path) -> None:
-        """best/: our checkpoint folder of `params` (gathered from every process; process 0
-        writes it), replaced atomically."""
-        host = multihost_utils.process_allgather(params, tiled=True)
-        if jax.process_index() != 0:
-            return
-        tmp = wd / "best.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        convert.save_ours(tmp, self.cfg, self.mtask, host, self.tok_dir,
-                          source=f"finetune of {self.o.init_checkpoint}", labels=self.labels)
-        (tmp / TASK_FILE).write_text(json.dumps(run_record(self.o), indent=1))
-        shutil.rmtree(wd / "best", ignore_errors=True)
-        tmp.rename(wd / "best")
+        """best/: our checkpoint folder of `params`, with the task options predict reuses."""
+        def write(tmp, host):
+            convert.save_ours(tmp, self.cfg, self.mtask, host, self.tok_dir,
+                              source=f"finetune of {self.o.init_checkpoint}", labels=self.labels)
+            (tmp / TASK_FILE).write_text(json.dumps(run_record(self.o), indent=1))
+        runlog.publish(wd / "best", params, write)
 
 
 RUN_RECORD = "run.json"
@@ -390,7 +383,7 @@ RUN_OUTPUTS = ("metrics.jsonl", "results.json", "eval", "best", "best.tmp", "che
 
 # Options that do not change what a run computes (the mesh only its float rounding): a
 # rerun may change them, e.g. resume on another mesh.
-NOT_RECORDED = ("workdir", "progress_bar", "mesh_data", "mesh_fsdp", "mesh_tensor", "checkpoint_every",
+NOT_RECORDED = ("workdir", "progress_bar", "log_every", "max_nonfinite_streak", "mesh_data", "mesh_fsdp", "mesh_tensor", "checkpoint_every",
                 "keep_checkpoints", "async_checkpoint", "stop_at_step", "unlogged_transfers", "resolved_flags")
 
 
@@ -452,72 +445,6 @@ def load_backbone(fresh: dict, source: dict, where: str) -> dict:
         merged[k] = jax.tree.map(jnp.asarray, src[k])
     out["backbone"] = merged
     return out
-
-
-def improves(score: float, best: float | None) -> bool:
-    """Whether `score` beats `best` (None before the first evaluation, which always
-    counts; a NaN score, e.g. the correlation of constant predictions, never beats a number)."""
-    if best is None:
-        return True
-    return not np.isnan(score) and (np.isnan(best) or score > best)
-
-
-class StepLog:
-    """Appends one JSON line per step to `path`. Losses stay on the device until a block
-    of `every` steps is written, so logging does not stall asynchronous dispatch. `bar`
-    (tqdm or None) advances every step and shows the last written loss."""
-
-    def __init__(self, path: pathlib.Path, every: int = 100, bar=None, write: bool = True, writer=None):
-        self.path, self.every, self.pending, self.last, self.bar = path, every, [], None, bar
-        self.write = write  # False on processes other than 0: check, but write nothing
-        self.writer = writer  # TensorBoard (train/* and eval/* scalars), or None
-
-    def due(self) -> bool:
-        """Whether the next add writes (and so copies its losses to the host)."""
-        return len(self.pending) + 1 >= self.every
-
-    def add(self, rec: dict, now: bool = False) -> None:
-        self.pending.append(rec)
-        if self.bar is not None:
-            self.bar.update(1)
-        if now or len(self.pending) >= self.every:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        with open(self.path, "a") if self.write else contextlib.nullcontext() as f:
-            for rec in self.pending:
-                rec = dict(rec, loss=float(rec["loss"]))
-                if self.write:
-                    f.write(json.dumps(rec) + "\n")
-                if self.writer is not None:
-                    for k, v in rec.items():
-                        if k != "step":
-                            tag = f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"
-                            self.writer.add_scalar(tag, v, rec["step"])
-                if not np.isfinite(rec["loss"]):
-                    self.pending = []
-                    raise FinetuneError(
-                        f"step {rec['step']}: the training loss is {rec['loss']}; stopping (lower "
-                        "--learning_rate?). Only params that scored a finite evaluation were kept in best/")
-        self.last, self.pending = rec, []
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-def keep_metrics_until(path: pathlib.Path, step: int) -> None:
-    """Drop metrics.jsonl lines after `step` (written after the checkpoint a run resumes
-    from), so that every step appears once."""
-    if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
-        path.write_text("".join(l + "\n" for l in lines))
 
 
 def last_loss(path: pathlib.Path) -> float | None:

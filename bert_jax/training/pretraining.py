@@ -11,7 +11,6 @@ import dataclasses
 import json
 import pathlib
 import shutil
-import time
 from typing import Any
 
 import jax
@@ -23,10 +22,13 @@ from bert_jax.data import cache, corpus, instances, loader, masking
 from bert_jax.data.tokenizer import FAMILY_KIND, Tokenizer
 from bert_jax.data.tokenizer import copy_files as copy_tokenizer_files
 from bert_jax.errors import BertJaxError
+from bert_jax.interop import convert
+from bert_jax.model import objectives
 from bert_jax.model.config import ConfigError, ModelConfig, variant
 from bert_jax.options import PretrainOptions
 from bert_jax.training import checkpoint as ckpt_lib
 from bert_jax.training import optim
+from bert_jax.training import runlog
 from bert_jax.training import sharding
 from bert_jax.training import train
 
@@ -127,14 +129,15 @@ def make_source(o: PretrainOptions, cfg: ModelConfig, tok: Tokenizer, tok_dir, c
                 seed: int, cache_dir: pathlib.Path, flag: str) -> loader.PretrainSource:
     files = corpus.expand(corpus_glob, flag)
     tc = _first_process_then_all(f"cache{flag}", lambda: cache.build(files, tok, tok_dir, cache_dir, o.document_boundary))
-    if cfg.sentence_objective == "nsp" and tc.num_documents < 2 and o.document_boundary == "file":
+    objective = cfg.pretraining_objective
+    if objective.needs_documents and tc.num_documents < 2 and o.document_boundary == "file":
         # NSP draws random next segments from other documents: one file is one document.
-        logging.warning("%s has one document; NSP needs several, so paragraphs (blank "
-                        "lines) are taken as documents", flag)
+        logging.warning("%s has one document; --objective=%s needs several, so paragraphs (blank "
+                        "lines) are taken as documents", flag, objective.name)
         tc = _first_process_then_all(f"cache_bl{flag}", lambda: cache.build(files, tok, tok_dir, cache_dir, "blank_line"))
-    icfg = instances.InstanceConfig(o.max_seq_length, cfg.sentence_objective, o.short_seq_prob)
+    icfg = instances.InstanceConfig(o.max_seq_length, objective.instance_kind, o.short_seq_prob)
     inst = instances.build(tc, icfg, seed)
-    pcfg = loader.PipelineConfig(max_seq_length=o.max_seq_length, objective=cfg.sentence_objective,
+    pcfg = loader.PipelineConfig(max_seq_length=o.max_seq_length, objective=objective.instance_kind,
                                  global_batch_size=o.batch_size, seed=seed,
                                  position_offset=cfg.position_offset,
                                  max_examples_per_row=o.max_examples_per_row)
@@ -145,12 +148,8 @@ def make_source(o: PretrainOptions, cfg: ModelConfig, tok: Tokenizer, tok_dir, c
                                  jax.process_index(), jax.process_count())
 
 
-def _write_jsonl(path: pathlib.Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def evaluate(eval_step, params, source: loader.PretrainSource, n_batches: int, batch_sharding) -> dict:
+def evaluate(eval_step, params, source: loader.PretrainSource, n_batches: int, batch_sharding,
+             objective: objectives.Objective) -> dict:
     """Held-out MLM loss/accuracy and NSP/SOP accuracy over the first `n_batches`
     batches of the held-out stream (fixed seed, so every evaluation sees the same data)."""
     it = loader.make_iterator(source)
@@ -164,7 +163,7 @@ def evaluate(eval_step, params, source: loader.PretrainSource, n_batches: int, b
         m = jax.device_get(eval_step(params, b))
         for k, v in m.items():
             total[k] = total.get(k, 0.0) + float(v)
-    return train.summarize(total)
+    return objective.figures(total)
 
 
 def run(o: PretrainOptions) -> dict:
@@ -181,6 +180,10 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     tok, tok_dir = prepare_tokenizer(o, workdir)
     cfg = model_config(o, tok)
     ckpt_lib.check_same_architecture(workdir, cfg)
+    objective = cfg.pretraining_objective
+    best_metric = o.best_metric or "mlm_accuracy"
+    if best_metric not in objective.logged:
+        raise PretrainError(f"--best_metric={best_metric!r}: --objective={objective.name} reports {objective.logged}")
     cache_dir = pathlib.Path(o.cache_dir) if o.cache_dir else workdir / "cache"
     src = make_source(o, cfg, tok, tok_dir, o.corpus, o.seed, cache_dir, "--corpus")
     held = (make_source(o, cfg, tok, tok_dir, o.heldout_corpus, 12345, cache_dir, "--heldout_corpus")
@@ -214,18 +217,21 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
         (workdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
         (workdir / "flags.txt").write_text(o.resolved_flags)
 
+    best = runlog.Best(best_metric, saved_manifest.get("best") if restored is not None else None)
+
+    def save_best(step, params):
+        runlog.publish(workdir / "best", params, lambda tmp, host: convert.save_ours(
+            tmp, cfg, "pretraining", host, tok_dir, source=f"{workdir} step {step}, best held-out {best_metric}"))
+
     it = loader.make_iterator(src, data_state)
     example = {k: np.zeros((o.batch_size,) + v.shape, v.dtype) for k, v in src.example(0).items()}
     step_fn = train.make_train_step(cfg, tx, o.grad_accum, state_sh, batch_sh, example, mesh)
     eval_fn = train.make_eval_step(cfg)
     prefetch = loader.DevicePrefetcher(it, batch_sh, o.batch_size)
-    metrics_path = workdir / "metrics.jsonl"
-    writer = train.tensorboard_writer(workdir)
-    bar = _progress(o, start)
+    log = runlog.RunLog(workdir, total=o.train_steps, start=start, desc="pretrain", progress_bar=o.progress_bar,
+                        max_nonfinite_streak=o.max_nonfinite_streak, figures=objective.figures)
     summary: dict[str, Any] = {}
     last_saved, data_state_now = start, data_state
-    t_last = time.perf_counter()
-    acc = None  # metrics summed on the device since the last logged step
     in_flight = None
     try:
         with train.StopOnSigterm() as stop, jax.set_mesh(mesh):
@@ -243,74 +249,38 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
                 with (jax.transfer_guard_device_to_host(o.unlogged_transfers) if quiet
                       else contextlib.nullcontext()):
                     state, m = step_fn(state, batch)
-                    acc = train.accumulate(acc, m, state.nonfinite_streak)
+                    log.add(m, state.nonfinite_streak)
                     in_flight = train.wait_previous(in_flight, m["loss"])
                 step = nxt
-                if bar:
-                    bar.update(1)
-                if stop.requested:  # SIGTERM during the step: save here
+                if stop.reached(step):  # SIGTERM (all processes agree on this step): save here
                     stop_here = saves = True
                 elif quiet:
                     continue
-                host = {k: float(v) for k, v in jax.device_get(acc).items()}
-                if host["worst_streak"] >= o.max_nonfinite_streak:
-                    raise PretrainError(
-                        f"step {step}: {o.max_nonfinite_streak} non-finite losses, gradients or updated params in a row "
-                        f"(updates skipped, nothing non-finite saved); "
-                        f"stopping. Last good checkpoint: {ckpt.dir / str(last_saved) if last_saved else 'none'}")
-                skipped = int(round(host["steps"] - host["finite"]))
-                if skipped:
-                    logging.warning("steps %d-%d: %d non-finite loss(es), gradient(s) or updated params; "
-                                    "those updates were skipped", step - int(host["steps"]) + 1, step, skipped)
+                log.check(step, str(ckpt.dir / str(last_saved)) if last_saved else None)
                 if logs:
-                    now = time.perf_counter()
-                    n_acc = host.pop("steps")
-                    host.pop("worst_streak")
-                    rec = dict(step=step, loss=host["loss"] / n_acc, learning_rate=float(lr_fn(step)),
-                               tokens_per_s=host["real_tokens"] / (now - t_last),
-                               nonfinite_total=int(state.nonfinite_total), **train.summarize(host))
-                    if chief:
-                        _write_jsonl(metrics_path, rec)
-                    if writer:
-                        for k, v in rec.items():
-                            if k != "step":
-                                writer.add_scalar(f"train/{k}", v, step)
-                    if bar:
-                        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['learning_rate']:.2e}",
-                                        tok_s=f"{rec['tokens_per_s']:.0f}")
-                    acc, t_last = None, now
+                    log.train(step, lr_fn(step), nonfinite_total=int(state.nonfinite_total))
                 if evals:
-                    ev = evaluate(eval_fn, state.params, held, o.eval_batches, batch_sh)
+                    ev = evaluate(eval_fn, state.params, held, o.eval_batches, batch_sh, objective)
                     summary["heldout"] = ev
-                    if chief:
-                        _write_jsonl(metrics_path, dict(step=step, **{f"heldout_{k}": v for k, v in ev.items()}))
-                    if writer:
-                        for k, v in ev.items():
-                            writer.add_scalar(f"heldout/{k}", v, step)
+                    log.eval(step, "heldout", ev)
+                    best.offer(ev, lambda: save_best(step, state.params))
                     logging.info("step %d held-out %s", step, ev)
                 if stop_here:
                     stop.requested = True
+                if stop.requested:  # also when SIGTERM came while this step logged or evaluated
+                    saves = True
                 if saves:
-                    ckpt.save(step, state, data_state_now, manifest, force=stop.requested)
+                    ckpt.save(step, state, data_state_now, dict(manifest, best=best.score), force=stop.requested)
                     last_saved = step
                 if stop.requested:
                     break
             if held and "heldout" not in summary:  # nothing left to train: still report
-                summary["heldout"] = evaluate(eval_fn, state.params, held, o.eval_batches, batch_sh)
+                summary["heldout"] = evaluate(eval_fn, state.params, held, o.eval_batches, batch_sh, objective)
     finally:  # also on an error: in-flight checkpoint saves finish, threads stop
         prefetch.close()
         ckpt.close()
-        if bar:
-            bar.close()
-        if writer:
-            writer.close()
+        log.close()
     summary.update(step=step, workdir=str(workdir), checkpoint=str(ckpt.dir / str(last_saved)),
-                   metrics=str(metrics_path), stopped_early=stop.requested)
+                   metrics=str(log.path), stopped_early=stop.requested,
+                   best={best_metric: best.score} if held else None)
     return summary
-
-
-def _progress(o: PretrainOptions, start: int):
-    if not o.progress_bar or jax.process_index() != 0:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=o.train_steps, initial=start, desc="pretrain", unit="step", mininterval=1.0)

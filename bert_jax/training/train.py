@@ -100,53 +100,16 @@ def global_batch(arrays: dict, rows, batch_sharding_fn: Callable[[int], NamedSha
 
 
 # ---------------------------------------------------------------------------- loss ----
-def loss_denominators(batch) -> tuple[jax.Array, jax.Array]:
-    """(masked-token count, sentence-label count) of a whole batch, at least 1 each: the
-    loss of every microbatch is divided by the global counts, so that accumulating
-    microbatches gives exactly the loss (and gradient) of the big batch."""
-    mlm = jnp.maximum(batch["masked_weights"].sum(), 1.0)
-    sent = jnp.maximum(batch["sentence_weights"].sum(), 1.0) if "sentence_weights" in batch else jnp.ones(())
-    return mlm, sent
-
-
 def pretraining_loss(cfg: ModelConfig, params, batch, dropout_rng, deterministic=False,
                      denominators=None):
-    """MLM cross-entropy summed over masked positions / the masked-token count, plus
-    NSP/SOP cross-entropy summed / the sentence count. The counts are `denominators`
-    (those of the whole batch, when `batch` is one microbatch of it) or this batch's.
-    Returns (loss, metrics); metrics are sums and counts, so microbatches and hosts add up."""
-    mlm_n, s_n = denominators if denominators is not None else loss_denominators(batch)
+    """The pretraining model on `batch`, scored by cfg's objective (objectives.py):
+    (loss, metrics of sums and counts, so microbatches and hosts add up)."""
     out = PreTrainingModel(cfg).apply(
         {"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
         batch["masked_positions"], batch.get("position_ids"), batch.get("segment_ids"),
         sentence_positions_BxK=batch["sentence_positions"], deterministic=deterministic,
         rngs=None if deterministic else {"dropout": dropout_rng})
-    logits = out["mlm_logits"]
-    w = batch["masked_weights"]
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["masked_ids"])
-    mlm_loss = (nll * w).sum() / mlm_n
-    correct = (jnp.argmax(logits, -1) == batch["masked_ids"]) * w
-    metrics = {"mlm_nll_sum": (nll * w).sum(), "mlm_correct": correct.sum(), "mlm_count": w.sum(),
-               "real_tokens": batch["attention_mask"].sum().astype(jnp.float32)}
-    loss = mlm_loss
-    if out["sentence_logits"] is not None:
-        sw = batch["sentence_weights"]
-        s_nll = optax.softmax_cross_entropy_with_integer_labels(out["sentence_logits"], batch["sentence_labels"])
-        loss = loss + (s_nll * sw).sum() / s_n
-        s_correct = (jnp.argmax(out["sentence_logits"], -1) == batch["sentence_labels"]) * sw
-        metrics.update(sentence_nll_sum=(s_nll * sw).sum(), sentence_correct=s_correct.sum(),
-                       sentence_count=sw.sum())
-    return loss, metrics
-
-
-def summarize(m: dict) -> dict:
-    """Sums/counts -> the logged figures."""
-    out = {"mlm_loss": m["mlm_nll_sum"] / max(float(m["mlm_count"]), 1.0),
-           "mlm_accuracy": m["mlm_correct"] / max(float(m["mlm_count"]), 1.0)}
-    if "sentence_count" in m:
-        out["sentence_loss"] = m["sentence_nll_sum"] / max(float(m["sentence_count"]), 1.0)
-        out["sentence_accuracy"] = m["sentence_correct"] / max(float(m["sentence_count"]), 1.0)
-    return {k: float(v) for k, v in out.items()}
+    return cfg.pretraining_objective.loss(out, batch, denominators)
 
 
 # ---------------------------------------------------------------------------- step ----
@@ -156,7 +119,7 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, grad_acc
     """The pretraining step: make_step with pretraining_loss."""
     return make_step(lambda params, mb, rng, den: pretraining_loss(cfg, params, mb, rng, denominators=den),
                      tx, grad_accum, state_sharding, batch_sharding_fn, example_batch, mesh,
-                     loss_denominators)
+                     cfg.pretraining_objective.denominators)
 
 
 def make_step(loss_fn: Callable, tx: optax.GradientTransformation, grad_accum: int, state_sharding,
@@ -248,13 +211,27 @@ def make_eval_step(cfg: ModelConfig):
 
 # ------------------------------------------------------------ run plumbing ----
 class StopOnSigterm:
-    """SIGTERM sets a flag; the loop checkpoints at its current step and exits."""
+    """SIGTERM (a scheduler's preemption notice, e.g. SLURM's before the time limit) stops
+    the loop at one step where it checkpoints and exits 0.
+
+    One process: a Python handler sets a flag; the loop stops after the current step.
+    Several processes (jax.distributed): JAX's preemption sync manager takes SIGTERM on any
+    process, tells the others through the coordination service, and every process learns
+    the same safe step from `reached(step)` (multihost_utils.reached_preemption_sync_point,
+    called once per step), so all save the same checkpoint, however far apart the signals
+    arrive. No Python handler is installed then: it would replace JAX's."""
 
     def __init__(self):
         self.requested = False
         self._old = None
+        self._synced = False
 
     def __enter__(self):
+        from jax._src import distributed
+        self._synced = (jax.process_count() > 1
+                        and getattr(distributed.global_state, "preemption_sync_manager", None) is not None)
+        if self._synced:
+            return self
         try:
             self._old = signal.signal(signal.SIGTERM, self._handler)
         except ValueError:  # not the main thread (e.g. called from a test thread)
@@ -264,6 +241,16 @@ class StopOnSigterm:
     def _handler(self, signum, frame):
         logging.warning("SIGTERM: checkpointing at the current step, then exiting")
         self.requested = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to checkpoint and stop after `step` (call once per step, in order)."""
+        if self._synced and not self.requested:
+            from jax.experimental import multihost_utils
+            if multihost_utils.reached_preemption_sync_point(step):
+                logging.warning("preemption notice (SIGTERM): all %d processes checkpoint at step %d, then exit",
+                                jax.process_count(), step)
+                self.requested = True
+        return self.requested
 
     def __exit__(self, *exc):
         if self._old is not None:
