@@ -132,15 +132,48 @@ def apply_determinism(o: options.DistributedOptions) -> None:
 
 
 def init_distributed(o: options.DistributedOptions) -> None:
-    """jax.distributed.initialize from flags, or auto-detected (SLURM) when the
-    environment says so; nothing for a single local process."""
+    """jax.distributed.initialize from the flags; or from the environment inside a SLURM
+    job step of several tasks (SLURM's variables: jax's own detection) or on a Cloud TPU
+    pod worker started by `launch.sh --tpu` (BERT_JAX_AUTO_DISTRIBUTED=1); nothing for a
+    single local process. CPU processes talk through gloo."""
     import jax
+    slurm = (int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_NODELIST" in os.environ
+             and "SLURM_PROCID" in os.environ)
+    if not (o.coordinator_address or o.num_processes or slurm or os.environ.get("BERT_JAX_AUTO_DISTRIBUTED")):
+        return
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if o.coordinator_address or o.num_processes:
-        if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU processes talk through gloo
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(o.coordinator_address, o.num_processes, o.process_id)
-    elif "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
-        jax.distributed.initialize()
+        jax.distributed.initialize(o.coordinator_address, o.num_processes, o.process_id,
+                                   heartbeat_timeout_seconds=o.heartbeat_timeout)
+    else:
+        jax.distributed.initialize(heartbeat_timeout_seconds=o.heartbeat_timeout)
+
+
+# Errors of a collective or of the coordination service whose cause is another process gone.
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "heartbeat timeout", "Gloo",
+             "NCCL", "UNAVAILABLE", "Barrier", "coordination service", "Socket closed")
+
+
+def exit_multiprocess(e: BaseException) -> None:
+    """In a multi-process job, an error ends this process now with a clear message, without
+    JAX's shutdown barrier (which waits for every process: a dead one makes it wait out the
+    heartbeat timeout, then abort). Checkpoints already complete stay valid; one being
+    written is left incomplete, and a restart ignores it."""
+    import jax
+    job = pathlib.Path(sys.argv[0]).stem
+    text = f"{type(e).__name__}: {e}"
+    if any(k in text for k in PEER_LOST):
+        msg = (f"{job}: error: process {jax.process_index()} of {jax.process_count()} lost contact with another "
+               f"process (it died or was killed); stopping. Rerun the same command to resume from the last "
+               f"complete checkpoint. ({text.splitlines()[0][:300]})")
+    else:
+        import traceback
+        traceback.print_exception(e)
+        msg = f"{job}: error: process {jax.process_index()} of {jax.process_count()} failed: {text.splitlines()[0][:500]}"
+    print(msg, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def quiet_library_logs(fv: flags.FlagValues = FLAGS) -> None:
@@ -154,6 +187,11 @@ def quiet_library_logs(fv: flags.FlagValues = FLAGS) -> None:
             return record.levelno >= std_logging.WARNING or "/bert_jax/" in record.pathname
     for h in std_logging.getLogger().handlers + std_logging.getLogger("absl").handlers:
         h.addFilter(_QuietLibraries())
+
+
+def _multiprocess() -> bool:
+    from jax._src import distributed
+    return distributed.global_state.client is not None
 
 
 def run_job(main, cls, positional: bool = False) -> None:
@@ -175,7 +213,13 @@ def run_job(main, cls, positional: bool = False) -> None:
                 init_distributed(o)
             return main(o, argv) if positional else main(o)
         except BertJaxError as e:  # bad input: the message says what; no traceback
+            if _multiprocess():
+                exit_multiprocess(e)
             job = pathlib.Path(sys.argv[0]).stem
             print(f"{job}: error: {e}", file=sys.stderr)
             sys.exit(1)
+        except Exception as e:
+            if _multiprocess():
+                exit_multiprocess(e)
+            raise
     app.run(_main)
