@@ -83,6 +83,10 @@ class RunOptions(MeshOptions, DistributedOptions):
         None, "Evaluation metric that chooses <workdir>/best/ (metrics named *loss* lower is better). "
         "Default: fine-tuning, the task's; pretraining, held-out mlm_accuracy.")
     stop_at_step: int | None = option(None, "Checkpoint and exit at this step, keeping the schedule.")
+    compilation_cache: str = option(
+        "", "Persistent XLA compilation cache: a restarted run loads its compiled steps instead of "
+        "compiling them again. '' = <workdir>/compilation_cache, a folder = that folder (it may be shared "
+        "by runs you trust: it holds executable code), 'off' = none.")
     unlogged_transfers: str = option("allow", UNLOGGED_TRANSFERS_HELP, choices=("allow", "log", "disallow"))
     resolved_flags: str = internal("", "every flag with its final value, as a flag file (the run record)")
 
@@ -204,6 +208,10 @@ class BenchOptions(PretrainOptions):
     warmup: int = option(2, "Untimed steps after compilation.", lower=0)
     seq_len: tuple[str, ...] = option((), "Sequence lengths to time (default: --max_seq_length).")
     peak_tflops: float | None = option(None, "Device peak for MFU (default: known GPUs' bf16 dense peak).")
+    input_pipeline: bool = option(
+        False, "Time the input pipeline alone instead of the step: rows of --corpus (tokenized with "
+        "--tokenizer, masked, packed as the flags say) made on this one thread, as grain's workers make them.")
+    rows: int = option(4000, "--input_pipeline: rows timed.", lower=1)
 
 
 # ------------------------------------------------------------------- finetune ----

@@ -261,6 +261,7 @@ class Finetuner:
     def _run(self) -> dict:
         o, task, mesh = self.o, self.task, self.mesh
         wd = pathlib.Path(o.workdir)
+        train.use_compilation_cache(o.compilation_cache, wd)
         chief = jax.process_index() == 0
         n = len(self.train["input_ids"])
         warmup, total = plan(o, n)
@@ -383,8 +384,9 @@ RUN_OUTPUTS = ("metrics.jsonl", "results.json", "eval", "best", "best.tmp", "che
 
 # Options that do not change what a run computes (the mesh only its float rounding): a
 # rerun may change them, e.g. resume on another mesh.
-NOT_RECORDED = ("workdir", "progress_bar", "log_every", "max_nonfinite_streak", "mesh_data", "mesh_fsdp", "mesh_tensor", "checkpoint_every",
-                "keep_checkpoints", "async_checkpoint", "stop_at_step", "unlogged_transfers", "resolved_flags")
+NOT_RECORDED = ("workdir", "progress_bar", "log_every", "max_nonfinite_streak", "compilation_cache",
+                "heartbeat_timeout", "mesh_data", "mesh_fsdp", "mesh_tensor", "checkpoint_every", "keep_checkpoints",
+                "async_checkpoint", "stop_at_step", "unlogged_transfers", "resolved_flags")
 
 
 def run_record(o: FinetuneOptions) -> dict:

@@ -45,7 +45,8 @@ RESUME_MAY_CHANGE = frozenset({
     "workdir", "heldout_corpus", "cache_dir", "train_steps", "stop_at_step", "mesh_data", "mesh_fsdp",
     "mesh_tensor", "checkpoint_every", "keep_checkpoints", "async_checkpoint", "log_every",
     "eval_every", "eval_batches", "max_nonfinite_streak", "progress_bar", "unlogged_transfers", "scan_layers",
-    "coordinator_address", "num_processes", "process_id", "deterministic_gpu",
+    "coordinator_address", "num_processes", "process_id", "deterministic_gpu", "heartbeat_timeout",
+    "compilation_cache",
     "remat_policy", "attention_impl"})
 
 
@@ -177,6 +178,7 @@ def run(o: PretrainOptions) -> dict:
 def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     mesh = sharding.make_mesh(o.mesh_data, o.mesh_fsdp, o.mesh_tensor)
     train.check_batch(o.batch_size, o.grad_accum, mesh)  # before any tokenizer or cache is built
+    train.use_compilation_cache(o.compilation_cache, workdir)
     tok, tok_dir = prepare_tokenizer(o, workdir)
     cfg = model_config(o, tok)
     ckpt_lib.check_same_architecture(workdir, cfg)

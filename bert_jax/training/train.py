@@ -257,6 +257,20 @@ class StopOnSigterm:
             signal.signal(signal.SIGTERM, self._old)
 
 
+def use_compilation_cache(setting: str, workdir) -> str | None:
+    """Point JAX's persistent compilation cache at `setting` ('' = <workdir>/compilation_cache,
+    'off' = none; see the compilation_cache option); returns the folder. Steps that take
+    over a second to compile are stored there, so a restarted run loads them instead."""
+    if setting == "off" or (not setting and workdir is None):
+        return None
+    path = str(pathlib.Path(setting or pathlib.Path(workdir) / "compilation_cache").absolute())
+    if jax.config.jax_compilation_cache_dir != path:
+        from jax._src import compilation_cache
+        compilation_cache.reset_cache()  # a process that already used another folder (tests)
+        jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def tensorboard_writer(workdir):
     """A TensorBoard writer on <workdir>/tensorboard (process 0; None elsewhere)."""
     if jax.process_index() != 0:
