@@ -30,3 +30,28 @@ def test_step_program_does_not_grow_with_depth(small, big):
     a, b = lowered_size(small), lowered_size(big)
     assert variant(big).depth >= variant(small).depth
     assert b / a == pytest.approx(1.0, abs=0.05), (a, b)
+
+
+def test_gpu_script_bench_lines_parse():
+    """Every bench command of experiments/gpu/h200.sh parses through the real flags: the
+    four rows of the issue, each with attention dropout 0.1 and 0, in bfloat16."""
+    import pathlib
+    import subprocess
+    import sys
+    from absl import flags as absl_flags
+    from bert_jax import flags
+    from bert_jax.options import BenchOptions
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run(["bash", str(repo / "experiments/gpu/h200.sh")], env={"PRINT": "1", "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    rows = set()
+    for line in filter(None, out):
+        fv = absl_flags.FlagValues()
+        flags.define(BenchOptions, fv)
+        fv([sys.argv[0], *line.split()])
+        o = flags.read(BenchOptions, fv)
+        assert o.model.dtype == "bfloat16" and o.steps >= 10
+        rows.add((o.model.variant, o.seq_len, o.batch_size, o.model.attention_probs_dropout_prob))
+    want = {(v, (str(s),), b) for v, s, b in (("bert-base", 128, 256), ("bert-base", 512, 64),
+                                                ("bert-large", 512, 32), ("albert-base", 512, 64))}
+    assert rows == {w + (d,) for w in want for d in (0.1, 0.0)}
