@@ -319,6 +319,21 @@ class SideBySideOptions:
     extra: tuple[str, ...] = internal((), "--flag=value given to every run (after --)")
 
 
+# ---------------------------------------------------------------------- sweep ----
+@dataclasses.dataclass(frozen=True)
+class SweepOptions:
+    REQUIRED: ClassVar[tuple[str, ...]] = ("job", "base", "out")
+    job: str | None = option(None, "The job every run is.", choices=("pretrain", "finetune"))
+    base: str | None = option(None, "The base flag file of every run (absl's own --flagfile "
+                              "expands files into this job's flags, so the base is named here).")
+    grid: str = option("", "FLAG=a,b;FLAG2=x,y: the runs are every combination (empty: the base alone).")
+    seeds: tuple[str, ...] = option(("0",), "Seeds run for every combination (--seed of each run).")
+    out: str | None = option(None, "Sweep folder: one workdir per run, named after its varied flags.")
+    parallel: int = option(1, "Runs at a time.", lower=1)
+    init_sweep: str | None = option(None, "finetune: a pretraining sweep folder; every finished run of it "
+                                    "becomes a value of --init_checkpoint (its best/ if kept, else its workdir).")
+
+
 # ------------------------------------------------------------ report, tokenizer ----
 @dataclasses.dataclass(frozen=True)
 class ReportOptions:

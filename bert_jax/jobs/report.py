@@ -8,6 +8,13 @@ One row each in report.md and report.csv: kind, last step, last training loss, a
  - fine-tuning: the evaluation metrics of each eval file (results.json when the run
    finished, else the last evaluation logged).
 And <run>.png: training loss with the held-out (or evaluation) curves against steps.
+
+Over a sweep (the folder holds sweep.json, written by the `sweep` job), also sweep.md and
+sweep.csv: one row per configuration (the varied flags), with the number of seeds, the
+parameter count, tokens seen, and every score as mean ± standard deviation over the seeds
+(held-out MLM loss and accuracy, sentence-task accuracy, fine-tuning metrics), the best
+configuration marked; and sweep_heldout.png, each configuration's held-out curve with a
+band of one standard deviation over seeds.
 """
 
 from __future__ import annotations
@@ -130,9 +137,124 @@ def report(runs: pathlib.Path, out: pathlib.Path) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------ sweeps ----
+SWEEP_SCORES = ("heldout_mlm_loss", "heldout_mlm_accuracy", "heldout_sentence_accuracy")
+
+
+def param_count(run: pathlib.Path) -> int | None:
+    """Parameters of the run's model (its config.json: pretraining workdir or best/)."""
+    import numpy as np
+    from bert_jax.model.heads import abstract_params
+    from bert_jax.training import checkpoint
+    for folder, task in ((run, "pretraining"), (run / "best", None)):
+        if (folder / "config.json").exists():
+            if task is None:
+                task_file = folder / "task.json"
+                task = json.loads(task_file.read_text())["task"] if task_file.exists() else "pretraining"
+            import jax
+            from flax import linen as nn
+            shapes = nn.unbox(abstract_params(checkpoint.read_config(folder), task))
+            return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)))
+    return None
+
+
+def tokens_seen(run: pathlib.Path, steps: int) -> float:
+    """Row tokens of the steps run (batch x sequence length x steps, from the run record)."""
+    manifest = run / "manifest.json"
+    if not manifest.exists():
+        return NAN
+    opts = json.loads(manifest.read_text()).get("options", {})
+    return float(steps * opts.get("batch_size", 0) * opts.get("max_seq_length", 0)) or NAN
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    if not vals:
+        return NAN, NAN
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return m, sd
+
+
+def sweep_report(runs: pathlib.Path, rows: list[dict], out: pathlib.Path) -> list[dict]:
+    """One row per configuration of the sweep in `runs` (see the module docstring)."""
+    record = json.loads((runs / "sweep.json").read_text())
+    varied = ["init" if n == "init_checkpoint" else n for n, _ in record["grid"]]
+    by_run = {r["run"]: r for r in rows}
+    groups: dict[tuple, list[dict]] = {}
+    for d in sorted(runs.iterdir()):
+        done = d / "sweep_done.json"
+        if not done.exists() or d.name not in by_run:
+            continue
+        values = dict(p.split("=", 1) for p in d.name.split(","))
+        row = dict(by_run[d.name], params=param_count(d))
+        row["tokens_seen"] = tokens_seen(d, row["steps"])
+        groups.setdefault(tuple(values.get(k, "") for k in varied), []).append(row)
+    score_keys = [k for k in SWEEP_SCORES if any(k in r for g in groups.values() for r in g)]
+    score_keys += sorted({k for g in groups.values() for r in g for k in r
+                          if r.get("kind") == "finetune" and k not in ("run", "kind", "steps", "train_loss")
+                          and isinstance(r[k], (int, float))} - {"params", "tokens_seen"})
+    table = []
+    for key, members in groups.items():
+        row = dict(zip(varied, key), seeds=len(members), params=members[0]["params"],
+                   tokens_seen=members[0]["tokens_seen"])
+        for k in score_keys:
+            row[k], row[k + "_std"] = mean_std([r.get(k, NAN) for r in members])
+        table.append(row)
+    target = next((k for k in ("heldout_mlm_accuracy",) + tuple(score_keys) if k in score_keys), None)
+    if target and table:
+        lower = target.endswith("loss")
+        best = (min if lower else max)(table, key=lambda r: (-math.inf if math.isnan(r[target]) else
+                                                              (-r[target] if lower else r[target])))
+        for r in table:
+            r["best"] = "*" if r is best else ""
+    cols = varied + ["seeds", "params", "tokens_seen"] + score_keys + ["best"]
+    head = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    cell = lambda r, c: (f"{r[c]:.4f} ± {r[c + '_std']:.4f}" if c in score_keys and not math.isnan(r[c])
+                         else _fmt(r.get(c, "")))
+    (out / "sweep.md").write_text("\n".join(head + ["| " + " | ".join(cell(r, c) for c in cols) + " |"
+                                                    for r in table]) + f"\n\nbest: {target} (*), mean ± std over seeds\n")
+    with open(out / "sweep.csv", "w", newline="") as f:
+        csv_cols = varied + ["seeds", "params", "tokens_seen"] + [x for k in score_keys for x in (k, k + "_std")]
+        w = csv.DictWriter(f, csv_cols)
+        w.writeheader()
+        w.writerows([{c: r.get(c, "") for c in csv_cols} for r in table])
+    _plot_sweep(runs, groups, varied, out)
+    return table
+
+
+def _plot_sweep(runs: pathlib.Path, groups: dict, varied: list[str], out: pathlib.Path) -> None:
+    import numpy as np
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key, members in groups.items():
+        curves = []
+        for r in members:
+            _, evals = read_metrics(runs / r["run"] / "metrics.jsonl")
+            curves.append({e["step"]: e["eval_heldout_mlm_accuracy"] for e in evals if "eval_heldout_mlm_accuracy" in e})
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if not steps:
+            continue
+        y = np.array([[c[s] for s in steps] for c in curves])
+        label = ", ".join(f"{k}={v}" for k, v in zip(varied, key)) or "base"
+        ax.plot(steps, y.mean(0), "o-", label=label)
+        ax.fill_between(steps, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out MLM accuracy")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "sweep_heldout.png", dpi=110)
+    plt.close(fig)
+
+
 def main(o: ReportOptions):
-    rows = report(pathlib.Path(o.runs), pathlib.Path(o.out))
-    print(f"report: {len(rows)} runs -> {pathlib.Path(o.out) / 'report.md'}")
+    runs, out = pathlib.Path(o.runs), pathlib.Path(o.out)
+    rows = report(runs, out)
+    print(f"report: {len(rows)} runs -> {out / 'report.md'}")
+    if (runs / "sweep.json").exists():
+        table = sweep_report(runs, rows, out)
+        print(f"report: {len(table)} configurations -> {out / 'sweep.md'}")
 
 
 if __name__ == "__main__":

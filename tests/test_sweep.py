@@ -1,0 +1,88 @@
+"""The sweep job and the report over a sweep: a 2 x 2 grid x 2 seeds of tiny.flags end to
+end, resumed without rerunning, a failing configuration listed while the others finish,
+and bad input refused before any run."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from bert_jax.jobs import sweep as sweep_lib
+from bert_jax.options import SweepOptions
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = REPO / "experiments" / "tiny.flags"
+GRID = "num_hidden_layers=1,2;intermediate_size=37,48"
+
+
+def run_sweep(out, *extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return subprocess.run([sys.executable, "-m", "bert_jax.jobs.sweep", "--job=pretrain", f"--base={TINY}",
+                           f"--out={out}", "--parallel=2", *extra], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "s"
+    p = run_sweep(out, f"--grid={GRID}", "--seeds=0,1")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_grid_times_seeds_runs_once_and_reports_each_configuration(swept, tmp_path):
+    runs = sorted(d.name for d in swept.iterdir() if d.is_dir())
+    assert len(runs) == 8 and "num_hidden_layers=1,intermediate_size=37,seed=0" in runs
+    assert all((swept / r / sweep_lib.DONE).exists() and (swept / r / "checkpoints").is_dir() for r in runs)
+    again = run_sweep(swept, f"--grid={GRID}", "--seeds=0,1")
+    assert again.returncode == 0 and json.loads(again.stdout.splitlines()[-1])["ran"] == 0, again.stdout
+    p = subprocess.run([sys.executable, "-m", "bert_jax.jobs.report", f"--runs={swept}", f"--out={tmp_path}"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    table = (tmp_path / "sweep.md").read_text().splitlines()
+    rows = [l for l in table if l.startswith("| 1 ") or l.startswith("| 2 ")]
+    assert len(rows) == 4 and all(" ± " in r for r in rows), table
+    assert sum(r.rstrip(" |").endswith("*") for r in rows) == 1  # the best configuration
+    assert table[0].startswith("| num_hidden_layers | intermediate_size | seeds | params |")
+    csv = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert len(csv) == 5 and "heldout_mlm_accuracy_std" in csv[0]
+    params = {l.split(",")[0] + "," + l.split(",")[1]: int(l.split(",")[3]) for l in csv[1:]}
+    assert params["2,48"] > params["2,37"] > params["1,37"]  # deeper and wider models are bigger
+    assert (tmp_path / "sweep_heldout.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_a_failing_configuration_is_listed_and_the_others_finish(tmp_path):
+    # hidden_size=30 is not divisible by the 4 heads: that run fails at its start
+    p = run_sweep(tmp_path / "s", "--grid=hidden_size=30,32", "--seeds=0")
+    assert p.returncode == 1
+    assert "failed runs" in p.stderr and "hidden_size=30,seed=0" in p.stderr.split("failed runs")[1]
+    assert (tmp_path / "s/hidden_size=32,seed=0" / sweep_lib.DONE).exists()
+    failed = json.loads((tmp_path / "s/hidden_size=30,seed=0" / sweep_lib.FAILED).read_text())
+    assert failed["returncode"] != 0 and any("hidden_size" in l for l in failed["log_tail"])
+
+
+@pytest.mark.parametrize("grid,message", [
+    ("hidden_sise=32,64", "'hidden_sise' is not a flag of pretrain"),
+    ("hidden_size=32,,64", "has an empty value"),
+    ("seed=1,2", "set by the sweep"),
+])
+def test_bad_grid_is_refused_before_any_run(grid, message, tmp_path):
+    with pytest.raises(sweep_lib.SweepError, match=message):
+        sweep_lib.plan(SweepOptions(job="pretrain", base=str(TINY), grid=grid, out=str(tmp_path / "s")))
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_sweep_folder_of_another_base_is_refused(tmp_path):
+    other = tmp_path / "other.flags"
+    other.write_text(TINY.read_text() + "--train_steps=9\n")
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / sweep_lib.RECORD).write_text(json.dumps(dict(job="pretrain", base=str(TINY.resolve()),
+                                                        base_sha256="0" * 64)))
+    with pytest.raises(sweep_lib.SweepError, match="holds a sweep of pretrain on .*tiny.flags"):
+        sweep_lib.plan(SweepOptions(job="pretrain", base=str(other), out=str(out)))
