@@ -3,6 +3,7 @@ options and a valid model config, and carries the §9 header (purpose, command,
 hardware, expected result)."""
 
 import json
+import math
 import pathlib
 import sys
 
@@ -84,3 +85,29 @@ def test_split_tool(shared_data, tmp_path):
     assert a + b == 48
     titles = lambda p: {x["title"] for x in json.loads(p.read_text())["data"]}  # noqa: E731
     assert not titles(tmp_path / "s/train.json") & titles(tmp_path / "s/dev.json")
+
+
+ABLATION_FILES = sorted((REPO / "experiments" / "ablations").glob("*.flags"))
+
+
+@pytest.mark.parametrize("path", ABLATION_FILES, ids=lambda p: p.name)
+def test_ablation_files_parse_and_plan(path, tmp_path, monkeypatch):
+    """Sweep files (flags of the sweep job) plan their runs: every grid flag is the job's
+    and the base file parses; base files parse as pretraining flag files."""
+    from bert_jax.jobs import sweep
+    from bert_jax.options import SweepOptions
+    header = "\n".join(l for l in path.read_text().splitlines() if l.startswith("#"))
+    for field in ("Purpose:", "Command:", "Hardware:", "Expected:"):
+        assert field in header, f"{path.name}: header lacks {field}"
+    monkeypatch.chdir(REPO)  # the files name paths relative to the repo, as launch.sh runs them
+    if "--job=" not in path.read_text():
+        test_pretrain_flag_file_parses_and_validates(path)
+        return
+    fv = absl_flags.FlagValues()
+    flags.define(SweepOptions, fv, required=False)
+    fv([sys.argv[0], f"--flagfile={path}", f"--out={tmp_path / 'sweep'}"])
+    o = flags.read(SweepOptions, fv)
+    runs, record = sweep.plan(o)
+    sizes = [len(v) for _, v in record["grid"]]
+    assert len(runs) == len(o.seeds) * math.prod(sizes) >= 6
+    test_pretrain_flag_file_parses_and_validates(pathlib.Path(o.base))
