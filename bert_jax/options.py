@@ -277,6 +277,26 @@ class PredictOptions:
     encoding: str | None = option(None, "Text encoding of --input (default: the run's).")
 
 
+# -------------------------------------------------------------------- heldout ----
+@dataclasses.dataclass(frozen=True)
+class HeldoutOptions:
+    REQUIRED: ClassVar[tuple[str, ...]] = ("checkpoint", "text")
+    checkpoint: str | None = option(None, "A model with an MLM head: a pretraining workdir, its best/, our "
+                                    "converted folder or a Hugging Face folder (BertForPreTraining, *ForMaskedLM, ...).")
+    text: str | None = option(None, "Comma-separated text files or globs to evaluate on.")
+    out: str | None = option(None, "Write the figures to this JSON file as well.")
+    max_seq_length: int = option(128, "Tokens per row.", lower=8)
+    max_predictions_per_seq: int = option(20, "MLM positions per row.", lower=1)
+    masked_lm_prob: float = option(0.15, "Fraction of tokens masked.", lower=0.0, upper=1.0)
+    batch_size: int = option(32, "Rows per batch.", lower=1)
+    batches: int = option(20, "Batches of each kind scored (MLM rows, NSP pairs, SOP pairs).", lower=1)
+    seed: int = option(12345, "Seed of the rows, pairs and masks: keep it to compare checkpoints "
+                       "(with the same tokenizer they see the same masks).")
+    document_boundary: str = option("file", "What separates documents (NSP draws from other documents).",
+                                    choices=("file", "blank_line"))
+    cache_dir: str | None = option(None, "Tokenized-text cache (default: a temporary folder).")
+
+
 # --------------------------------------------------------------------- encode ----
 @dataclasses.dataclass(frozen=True)
 class EncodeOptions:

@@ -1,0 +1,99 @@
+"""`heldout` job: held-out evaluation of any checkpoint with an MLM head on any text.
+
+    ./launch.sh heldout --checkpoint=runs/sweep/RUN/best --text=bert_jax/corpus/heldout/*.txt
+
+Prints (and with --out writes) one JSON object:
+  mlm_loss, mlm_accuracy        on FULL-SENTENCES rows of the text, masked with fixed
+                                masks: position k of the stream is masked by a key of
+                                (--seed, k), so every checkpoint with the same tokenizer is
+                                scored on the same rows and the same masked tokens;
+  nsp_loss, nsp_accuracy        the model's sentence head on BERT's NSP pairs built from
+                                the text (label 0: the real next segment, 1: a random one);
+  sop_loss, sop_accuracy        the same head on ALBERT's SOP pairs (0: in order, 1: swapped).
+A model trained with NSP is scored on SOP pairs and the other way round, the same head and
+label order as ALBERT's Table 5 does; a model without a sentence head (--objective=mlm)
+reports the MLM figures only. Works on our folders and on Hugging Face folders alike.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import tempfile
+
+import jax
+import numpy as np
+
+from bert_jax import flags
+from bert_jax.errors import BertJaxError
+from bert_jax.options import HeldoutOptions
+
+# instance kind -> the objective whose loss scores it (the sentence head is the model's own)
+KINDS = {"mlm": ("none", "mlm"), "nsp": ("nsp", "mlm_nsp"), "sop": ("sop", "mlm_sop")}
+
+
+class HeldoutError(BertJaxError, ValueError):
+    """The checkpoint or text cannot be evaluated; the message names which."""
+
+
+def evaluate(o: HeldoutOptions) -> dict:
+    from bert_jax.data import cache, corpus, instances, loader, masking
+    from bert_jax.data.tokenizer import Tokenizer
+    from bert_jax.interop import convert
+    from bert_jax.model import objectives
+    from bert_jax.model.heads import PreTrainingModel
+    if not pathlib.Path(o.checkpoint).is_dir():
+        raise HeldoutError(f"--checkpoint={o.checkpoint}: no such folder")
+    cfg, task, params, tok_dir = convert.load(o.checkpoint)
+    if task != "pretraining":
+        raise HeldoutError(f"--checkpoint={o.checkpoint} is a {task} model: held-out evaluation needs the MLM head")
+    if tok_dir is None:
+        raise HeldoutError(f"--checkpoint={o.checkpoint} carries no tokenizer")
+    cfg.check_sequence_length(o.max_seq_length)
+    tok = Tokenizer.load(tok_dir)
+    files = corpus.expand(o.text, "--text")
+    cache_dir = pathlib.Path(o.cache_dir or tempfile.mkdtemp(prefix="heldout_cache_"))
+    tc = cache.build(files, tok, tok_dir, cache_dir, o.document_boundary, workers=1)
+    if tc.num_documents < 2:  # NSP draws its random segments from other documents
+        tc = cache.build(files, tok, tok_dir, cache_dir, "blank_line", workers=1)
+    model = PreTrainingModel(cfg)
+    apply = jax.jit(lambda p, b: model.apply(
+        {"params": p}, b["input_ids"], b["token_type_ids"], b["attention_mask"], b["masked_positions"],
+        sentence_positions_BxK=b["sentence_positions"]))
+    specials = instances.SpecialIds(tok.cls_id, tok.sep_id, tok.pad_id, tok.mask_id)
+    mcfg = masking.MaskingConfig(o.masked_lm_prob, o.max_predictions_per_seq, False, 1)
+    has_head = cfg.pretraining_objective.sentence_task is not None
+    out: dict = {"checkpoint": str(o.checkpoint), "rows": o.batches * o.batch_size}
+    for name, (kind, objective) in KINDS.items():
+        if name != "mlm" and not has_head:
+            continue
+        inst = instances.build(tc, instances.InstanceConfig(o.max_seq_length, kind, 0.1), o.seed)
+        if len(inst) == 0:
+            raise HeldoutError(f"--text={o.text}: too little text to build {name.upper()} rows")
+        pcfg = loader.PipelineConfig(o.max_seq_length, kind, o.batch_size, o.seed,
+                                     position_offset=cfg.position_offset)
+        src = loader.PretrainSource(tc, inst, pcfg, mcfg, specials, tok.vocab_size)
+        obj, sums = objectives.get(objective), {}
+        for b in range(o.batches):
+            rows = [src.example(b * o.batch_size + j) for j in range(o.batch_size)]
+            batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+            _, m = obj.loss(apply(params, batch), batch)
+            for k, v in jax.device_get(m).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        fig = obj.figures(sums)
+        if name == "mlm":
+            out.update(mlm_loss=fig["mlm_loss"], mlm_accuracy=fig["mlm_accuracy"])
+        else:
+            out.update({f"{name}_loss": fig["sentence_loss"], f"{name}_accuracy": fig["sentence_accuracy"]})
+    return out
+
+
+def main(o: HeldoutOptions):
+    res = evaluate(o)
+    if o.out:
+        pathlib.Path(o.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    flags.run_job(main, HeldoutOptions)
