@@ -45,4 +45,13 @@ test "$(wc -l < sst2_pred.tsv)" = 101 || { echo "plain_install: predict wrote $(
 "$py" -m bert_jax.jobs.convert --checkpoint=ft_cls/best --to_hf=hf_cls
 printf 'a fine film\nnot good at all\n' > texts.txt
 "$py" -m bert_jax.jobs.encode --checkpoint=pre --input=texts.txt --output=features.npz
-echo "plain_install: pretrain, finetune (classification, regression, NER), predict, convert, encode ran on a plain install" >&2
+"$py" -m bert_jax.jobs.heldout --checkpoint=pre --text="$root/bert_jax/corpus/heldout/carroll-alice.txt" \
+  --max_seq_length=32 --batches=2 --out=heldout.json
+test -s heldout.json || { echo "plain_install: heldout wrote nothing" >&2; exit 1; }
+# a one-run sweep (its base: tiny.flags with the corpus paths made absolute)
+sed "s|=bert_jax/|=$root/bert_jax/|g" "$root/experiments/tiny.flags" > tiny.flags
+"$py" -m bert_jax.jobs.sweep --job=pretrain --base=tiny.flags --grid=train_steps=2 --seeds=0 --out=sweep
+"$py" -m bert_jax.jobs.report --runs=sweep --out=sweep_report
+test -s sweep_report/sweep.md || { echo "plain_install: report wrote no sweep table" >&2; exit 1; }
+"$py" -m bert_jax.jobs.bench --flagfile="$root/experiments/tiny.flags" --steps=1 --warmup=0 > bench.jsonl
+echo "plain_install: pretrain, finetune (classification, regression, NER), predict, convert, encode, heldout, sweep, report, bench ran on a plain install" >&2
