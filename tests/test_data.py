@@ -358,3 +358,19 @@ def test_binary_file_in_the_corpus_is_refused_by_name(tmp_path, tok_dir):
     assert not (tmp_path / "wp").exists()
     with pytest.raises(CorpusError, match="model.bin"):
         cache.build([good, binary], Tokenizer.load(tok_dir), tok_dir, tmp_path / "cache", workers=1)
+
+
+def test_blingfire_splitter_is_its_own_cache_and_agrees_mostly(tok_dir, tmp_path):
+    """--sentence_splitter=blingfire builds its own cache (another fingerprint) with the same
+    documents and text, split into sentences at mostly pysbd's boundaries."""
+    tok = Tokenizer.load(tok_dir)
+    files = TRAIN[:1]
+    a = cache.build(files, tok, tok_dir, tmp_path, workers=1)
+    b = cache.build(files, tok, tok_dir, tmp_path, workers=1, splitter="blingfire")
+    assert len(list(tmp_path.iterdir())) == 2
+    assert a.num_documents == b.num_documents
+    assert abs(len(a.tokens) - len(b.tokens)) <= 0.01 * len(a.tokens)  # same text; a split can change a word's pieces
+    shared = len(set(a.sentences.tolist()) & set(b.sentences.tolist()))
+    assert shared >= 0.5 * len(a.sentences), (shared, len(a.sentences), len(b.sentences))
+    with pytest.raises(ValueError, match="--sentence_splitter='nltk'"):
+        cache.build(files, tok, tok_dir, tmp_path, workers=1, splitter="nltk")

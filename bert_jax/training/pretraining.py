@@ -129,13 +129,14 @@ def _prepare_tokenizer(o: PretrainOptions, workdir: pathlib.Path) -> tuple[Token
 def make_source(o: PretrainOptions, cfg: ModelConfig, tok: Tokenizer, tok_dir, corpus_glob,
                 seed: int, cache_dir: pathlib.Path, flag: str) -> loader.PretrainSource:
     files = corpus.expand(corpus_glob, flag)
-    tc = _first_process_then_all(f"cache{flag}", lambda: cache.build(files, tok, tok_dir, cache_dir, o.document_boundary))
+    build = lambda boundary: cache.build(files, tok, tok_dir, cache_dir, boundary, splitter=o.sentence_splitter)
+    tc = _first_process_then_all(f"cache{flag}", lambda: build(o.document_boundary))
     objective = cfg.pretraining_objective
     if objective.needs_documents and tc.num_documents < 2 and o.document_boundary == "file":
         # NSP draws random next segments from other documents: one file is one document.
         logging.warning("%s has one document; --objective=%s needs several, so paragraphs (blank "
                         "lines) are taken as documents", flag, objective.name)
-        tc = _first_process_then_all(f"cache_bl{flag}", lambda: cache.build(files, tok, tok_dir, cache_dir, "blank_line"))
+        tc = _first_process_then_all(f"cache_bl{flag}", lambda: build("blank_line"))
     icfg = instances.InstanceConfig(o.max_seq_length, objective.instance_kind, o.short_seq_prob)
     inst = instances.build(tc, icfg, seed)
     pcfg = loader.PipelineConfig(max_seq_length=o.max_seq_length, objective=objective.instance_kind,
