@@ -49,7 +49,7 @@ printf 'a fine film\nnot good at all\n' > texts.txt
   --max_seq_length=32 --batches=2 --out=heldout.json
 test -s heldout.json || { echo "plain_install: heldout wrote nothing" >&2; exit 1; }
 # a one-run sweep (its base: tiny.flags with the corpus paths made absolute)
-sed "s|=bert_jax/|=$root/bert_jax/|g" "$root/experiments/tiny.flags" > tiny.flags
+sed "s|bert_jax/corpus/|$root/bert_jax/corpus/|g" "$root/experiments/tiny.flags" > tiny.flags
 "$py" -m bert_jax.jobs.sweep --job=pretrain --base=tiny.flags --grid=train_steps=2 --seeds=0 --out=sweep
 "$py" -m bert_jax.jobs.report --runs=sweep --out=sweep_report
 test -s sweep_report/sweep.md || { echo "plain_install: report wrote no sweep table" >&2; exit 1; }

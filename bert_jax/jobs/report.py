@@ -164,7 +164,7 @@ def tokens_seen(run: pathlib.Path, steps: int) -> float:
     if not manifest.exists():
         return NAN
     opts = json.loads(manifest.read_text()).get("options", {})
-    return float(steps * opts.get("batch_size", 0) * opts.get("max_seq_length", 0)) or NAN
+    return int(steps * opts.get("batch_size", 0) * opts.get("max_seq_length", 0)) or NAN
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
