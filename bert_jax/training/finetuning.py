@@ -19,7 +19,6 @@ import dataclasses
 import json
 import pathlib
 import shutil
-import sys
 from typing import Callable
 
 import jax
@@ -165,13 +164,6 @@ def write_eval(task: Task, folder: pathlib.Path, name: str, res: dict, examples,
     folder.mkdir(exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps(res, indent=1))
     task.write(task.output_file(folder, name), examples, preds, labels)
-
-
-def progress(o: FinetuneOptions, total: int, desc: str):
-    if not o.progress_bar:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="step", mininterval=1.0, file=sys.stderr)
 
 
 # ------------------------------------------------------------------ the run ----

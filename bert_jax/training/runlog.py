@@ -128,12 +128,6 @@ def keep_until(path: pathlib.Path, step: int) -> None:
         path.write_text("".join(l + "\n" for l in lines))
 
 
-def read(path: pathlib.Path) -> tuple[list[dict], list[dict]]:
-    """(training lines, evaluation lines) of a metrics.jsonl."""
-    rows = [json.loads(l) for l in pathlib.Path(path).read_text().splitlines() if l.strip()]
-    return [r for r in rows if "loss" in r], [r for r in rows if any(k.startswith("eval_") for k in r)]
-
-
 # ------------------------------------------------------------- best selection ----
 class Best:
     """Best-checkpoint selection on one metric of one evaluation set: `offer` a score
