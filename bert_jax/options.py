@@ -193,7 +193,15 @@ class PretrainOptions(RunOptions):
     whole_word_masking: bool = option(False, "Mask all sub-tokens of a chosen word.")
     max_ngram: int = option(1, "ALBERT n-gram masking: spans of up to this many words (1 = off).", lower=1)
     short_seq_prob: float = option(0.1, "Probability of a shorter target length (BERT).", lower=0.0, upper=1.0)
-    max_examples_per_row: int = option(1, "Pack up to this many instances per row (1 = no packing).", lower=1)
+    max_examples_per_row: int = option(1, "Pack up to this many instances per row (1 = no packing; "
+                                       "needs --instances=prebuilt).", lower=1)
+    instances: str = option(
+        "on_the_fly", "How NSP/SOP pairs and FULL-SENTENCES rows are made: on_the_fly (a pure function of "
+        "seed, epoch and position, paired anew every epoch; memory does not grow with the corpus) or "
+        "prebuilt (BERT's create_pretraining_data walk, once per run; needed for packing).",
+        choices=("on_the_fly", "prebuilt"))
+    prepare_only: bool = option(False, "Prepare the tokenizer and the tokenized corpus (every process its "
+                                "share of the files), then exit: the first phase of a large run.")
     batch_size: int = option(32, "Global batch size (all processes, all microbatches).", lower=1)
     grad_accum: int = option(1, "Microbatches per update.", lower=1)
     train_steps: int = option(1000, "Optimizer updates.", lower=1)
@@ -203,6 +211,11 @@ class PretrainOptions(RunOptions):
     keep_checkpoints: int = option(3, "Checkpoints kept.", lower=1)
     eval_every: int = option(500, "Steps between held-out evaluations.", lower=1)
     eval_batches: int = option(10, "Held-out batches per evaluation.", lower=1)
+
+    def __post_init__(self):
+        if self.max_examples_per_row > 1 and self.instances != "prebuilt":
+            raise ValueError(f"--max_examples_per_row={self.max_examples_per_row} packs instances whose lengths "
+                             f"are known ahead: it needs --instances=prebuilt (not {self.instances})")
 
 
 @dataclasses.dataclass(frozen=True)

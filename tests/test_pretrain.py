@@ -200,7 +200,7 @@ def test_roberta_learns_with_byte_level_bpe_and_factorized_embeddings(bpe_dir, t
     flags.define(PretrainOptions, fv)
     fv([sys.argv[0], f"--flagfile={TINY}", f"--workdir={tmp_path}", f"--tokenizer={bpe_dir}",
         "--variant=roberta-base", "--max_position_embeddings=64", "--embedding_size=16",
-        "--max_examples_per_row=2", "--whole_word_masking", "--train_steps=40", "--warmup_steps=4",
+        "--max_examples_per_row=2", "--instances=prebuilt", "--whole_word_masking", "--train_steps=40", "--warmup_steps=4",
         "--learning_rate=3e-3", "--log_every=1", "--eval_every=40", "--checkpoint_every=40"])
     s = pretraining.run(flags.read(PretrainOptions, fv))
     cfg = checkpoint.read_config(tmp_path)

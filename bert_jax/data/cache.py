@@ -1,15 +1,24 @@
-"""Corpus -> documents -> sentences -> token ids, computed once and cached on disk.
+"""Corpus -> documents -> sentences -> token ids, prepared once into memory-mapped files.
 
-Cache layout (one folder per fingerprint of corpus files + tokenizer + splitting options,
-so a second run or another process reuses it; each shard is written to a temporary name
-and renamed, so concurrent writers are safe):
+Layout of one prepared corpus (one folder per fingerprint of the corpus files' paths,
+sizes and modification times + tokenizer + splitting options, so a start neither
+re-reads nor re-hashes the text):
 
-    <cache_dir>/<fingerprint>/shard-00000.npz ...   one per source file
-        tokens      int32  [T]     token ids, no special tokens
-        word_start  uint8  [T]     1 where a token starts a word (whole-word masking)
-        sentences   int64  [S+1]   token offset of each sentence start
-        documents   int64  [D+1]   sentence offset of each document start
-    <cache_dir>/<fingerprint>/DONE
+    <cache_dir>/<fingerprint>/parts/<i>/...    one per source file, while preparing
+    <cache_dir>/<fingerprint>/tokens.bin       uint16 (vocab <= 65536) or int32 [T]
+                              word_start.bin   uint8 [T]   1 where a token starts a word
+                              sentences.bin    int64 [S+1] token offset of each sentence
+                              documents.bin    int64 [D+1] sentence offset of each document
+                              doc_starts.bin   int64 [D+1] token offset of each document
+                              index.json       counts, dtypes, the files; written last
+
+Preparation scales out: each of n processes (hosts) tokenizes the files i with
+i % n == its index, with a pool of worker processes; a worker streams its file and
+appends to its part's files in batches of sentences, so memory stays bounded whatever the
+file's size. Parts are written to a temporary name and renamed, so a preparation that is
+stopped and started again skips the finished ones. One process then concatenates the
+parts (streamed) into the arrays above; training memory-maps them, so host memory does
+not grow with the corpus.
 """
 
 from __future__ import annotations
@@ -21,10 +30,12 @@ import json
 import multiprocessing
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from absl import logging
@@ -32,21 +43,25 @@ from absl import logging
 from bert_jax.data import corpus as corpus_lib
 from bert_jax.data.tokenizer import Tokenizer
 
-FORMAT_VERSION = 2  # 2: streamed reading, over-long lines cut, blank-ish lines split paragraphs
+# 3: memory-mapped arrays, parts per file, stat-based fingerprint (2: one .npz per file)
+FORMAT_VERSION = 3
 # Sentence splitters: pysbd (rule-based, handles abbreviations, quotes and decimals; about
 # 0.1 MB/s per core, over 90% of corpus preparation) or blingfire (a compiled finite-state
 # splitter, 60-190x faster; on the shared corpora it keeps 85-99% of pysbd's boundaries and
 # adds more of its own, mostly in verse and dialogue: see experiments/results/perf.md).
 SPLITTERS = ("pysbd", "blingfire")
+_ARRAYS = ("tokens", "word_start", "sentences", "documents", "doc_starts")
 
 
 @dataclasses.dataclass
 class TokenizedCorpus:
-    """All shards concatenated. Offsets index into `tokens` / `sentences`."""
+    """A prepared corpus (memory-mapped when loaded from the cache). Offsets index into
+    `tokens` / `sentences`."""
     tokens: np.ndarray
     word_start: np.ndarray
     sentences: np.ndarray
     documents: np.ndarray
+    doc_starts: np.ndarray | None = None
 
     @property
     def num_documents(self) -> int:
@@ -55,7 +70,7 @@ class TokenizedCorpus:
     @functools.cached_property
     def document_starts(self) -> np.ndarray:
         """Token offset of each document start, ascending (D+1, the last = len(tokens))."""
-        return self.sentences[self.documents]
+        return self.doc_starts if self.doc_starts is not None else self.sentences[self.documents]
 
     def document_starts_inside(self, t0: int, t1: int) -> np.ndarray:
         """Token offsets of the document starts strictly inside (t0, t1), by binary
@@ -69,13 +84,14 @@ class TokenizedCorpus:
 
 def fingerprint(files: Sequence[pathlib.Path], tokenizer: Tokenizer, document_boundary: str,
                 splitter: str = "pysbd") -> str:
+    """Of the options and of each file's resolved path, size and modification time: a
+    changed file gets a new preparation, and a start reads no text to know it."""
     h = hashlib.sha256()
-    key = [FORMAT_VERSION, tokenizer.fingerprint(), document_boundary] + ([splitter] if splitter != "pysbd" else [])
-    h.update(json.dumps(key).encode())
+    key = [FORMAT_VERSION, tokenizer.fingerprint(), document_boundary, splitter]
     for f in files:
-        h.update(str(f.resolve()).encode())
-        with open(f, "rb") as fh:
-            h.update(hashlib.file_digest(fh, "sha256").digest())  # streamed
+        st = f.stat()
+        key.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    h.update(json.dumps(key).encode())
     return h.hexdigest()[:16]
 
 
@@ -117,19 +133,30 @@ def split_documents(path: pathlib.Path, document_boundary: str) -> list[list[str
 
 _BATCH_SENTENCES = 4096
 _PROGRESS_EVERY_CHARS = 20_000_000
+# A part: the file's tokens and word starts, its sentences' token lengths and its
+# documents' sentence counts, appended as raw arrays; meta.json holds the counts.
+_PART_FILES = dict(tokens=np.int32, word_start=np.uint8, sentence_lengths=np.int64, document_sentences=np.int64)
 
 
-def _tokenize_file(args) -> dict[str, np.ndarray]:
-    """One file's tokens, word starts, sentence and document offsets, built in batches of
-    sentences as numpy arrays (memory stays a few bytes per token), with progress on
-    stderr for large files."""
-    path, tokenizer_dir, document_boundary, splitter = args
+def _tokenize_file(args) -> dict:
+    """Tokenize one file into the part folder `out`, streamed: batches of sentences are
+    appended to the part's files, so memory stays bounded; progress on stderr for large
+    files. Written to a temporary folder and renamed when complete. Returns its counts."""
+    path, tokenizer_dir, document_boundary, splitter, out = args
+    out = pathlib.Path(out)
     tok = Tokenizer.load(tokenizer_dir)
-    tokens, word_start, sent_lens, doc_lens = [], [], [], []
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    fh = {k: open(tmp / f"{k}.bin", "wb") for k in _PART_FILES}
+    counts = dict.fromkeys(_PART_FILES, 0)
     pending: list[str] = []
+    doc_lens: list[int] = []
     chars = next_report = 0
 
-    def flush():  # one array per batch of sentences: no per-sentence objects are kept
+    def write(k, a):
+        fh[k].write(np.ascontiguousarray(a, _PART_FILES[k]).tobytes())
+        counts[k] += len(a)
+
+    def flush():
         if not pending:
             return
         ids_b, starts_b, lens_b = [], [], []
@@ -140,76 +167,170 @@ def _tokenize_file(args) -> dict[str, np.ndarray]:
             ids_b.append(np.asarray(ids, np.int32))
             starts_b.append(starts)
             lens_b.append(len(ids))
-        tokens.append(np.concatenate(ids_b))
-        word_start.append(np.concatenate(starts_b))
-        sent_lens.append(np.asarray(lens_b, np.int64))
+        write("tokens", np.concatenate(ids_b))
+        write("word_start", np.concatenate(starts_b))
+        write("sentence_lengths", np.asarray(lens_b))
         pending.clear()
+        if len(doc_lens) > 1:  # finished documents
+            write("document_sentences", np.asarray(doc_lens[:-1]))
+            del doc_lens[:-1]
 
-    for sentences, new_doc in sentence_stream(pathlib.Path(path), document_boundary, splitter):
-        if new_doc:
-            doc_lens.append(0)
-        doc_lens[-1] += len(sentences)
-        pending.extend(sentences)
-        chars += sum(map(len, sentences))
-        if len(pending) >= _BATCH_SENTENCES:
-            flush()
-        if chars >= next_report + _PROGRESS_EVERY_CHARS:
-            next_report = chars
-            print(f"tokenizing {path}: {chars / 1e6:.0f}M characters so far", file=sys.stderr, flush=True)
-    flush()
-    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
-    return dict(tokens=cat(tokens, np.int32), word_start=cat(word_start, np.uint8),
-                sentences=np.concatenate([[0], np.cumsum(cat(sent_lens, np.int64))]).astype(np.int64),
-                documents=np.concatenate([[0], np.cumsum(doc_lens, dtype=np.int64)]).astype(np.int64))
+    try:
+        for sentences, new_doc in sentence_stream(pathlib.Path(path), document_boundary, splitter):
+            if new_doc:
+                doc_lens.append(0)
+            doc_lens[-1] += len(sentences)
+            pending.extend(sentences)
+            chars += sum(map(len, sentences))
+            if len(pending) >= _BATCH_SENTENCES:
+                flush()
+            if chars >= next_report + _PROGRESS_EVERY_CHARS:
+                next_report = chars
+                print(f"tokenizing {path}: {chars / 1e6:.0f}M characters so far", file=sys.stderr, flush=True)
+        flush()
+        if doc_lens:
+            write("document_sentences", np.asarray(doc_lens))
+    finally:
+        for f in fh.values():
+            f.close()
+    counts["chars"] = chars
+    (tmp / "meta.json").write_text(json.dumps(dict(file=str(path), **counts)))
+    try:
+        os.replace(tmp, out)  # atomic; a concurrent writer of the same part may have won
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return counts
+
+
+def _part_files(files, process_index: int, process_count: int):
+    return [(i, f) for i, f in enumerate(files) if i % process_count == process_index]
+
+
+def prepare_parts(files: Sequence[pathlib.Path], tokenizer_dir, folder: pathlib.Path, document_boundary: str,
+                  splitter: str, workers: int | None = None, process_index: int = 0,
+                  process_count: int = 1) -> None:
+    """Tokenize this process's share of `files` (i % process_count == process_index) into
+    parts under `folder`, skipping finished parts, with `workers` worker processes."""
+    parts = folder / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    todo = [(i, f) for i, f in _part_files(files, process_index, process_count)
+            if not (parts / f"{i:05d}").exists()]
+    if not todo:
+        return
+    logging.info("process %d/%d: tokenizing %d file(s) into %s", process_index, process_count, len(todo), folder)
+    jobs = [(str(f), str(tokenizer_dir), document_boundary, splitter, str(parts / f"{i:05d}")) for i, f in todo]
+    workers = workers or min(len(jobs), os.cpu_count() or 1) or 1
+    t = time.perf_counter()
+    if workers > 1:
+        # spawn, not fork: the parent runs JAX threads, which fork would deadlock.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            chars = sum(c["chars"] for c in pool.map(_tokenize_file, jobs))
+    else:
+        chars = sum(_tokenize_file(job)["chars"] for job in jobs)
+    dt = time.perf_counter() - t
+    logging.info("process %d/%d: %d file(s), %.1f MB of text in %.1f s (%.2f MB/s with %d worker(s))",
+                 process_index, process_count, len(jobs), chars / 1e6, dt, chars / 1e6 / max(dt, 1e-9), workers)
+
+
+_COPY_ITEMS = 1 << 24
+
+
+def merge_parts(files: Sequence[pathlib.Path], folder: pathlib.Path, vocab_size: int) -> None:
+    """Concatenate the parts of every file, streamed in bounded memory, into the corpus
+    arrays; index.json is written last (a folder without it is not a prepared corpus)."""
+    metas = []
+    for i in range(len(files)):
+        meta = folder / "parts" / f"{i:05d}" / "meta.json"
+        if not meta.exists():
+            raise corpus_lib.CorpusError(f"{files[i]}: not prepared (no {meta}); was a process stopped?")
+        metas.append(json.loads(meta.read_text()))
+    token_dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
+    out = {k: open(folder / f"{k}.bin", "wb") for k in _ARRAYS}
+    t_off = s_off = 0
+    try:
+        out["sentences"].write(np.zeros(1, np.int64).tobytes())
+        out["documents"].write(np.zeros(1, np.int64).tobytes())
+        out["doc_starts"].write(np.zeros(1, np.int64).tobytes())
+        for i, m in enumerate(metas):
+            part = folder / "parts" / f"{i:05d}"
+            for k, dt in (("tokens", token_dtype), ("word_start", np.uint8)):
+                for chunk in _chunks(part / f"{k}.bin", _PART_FILES[k], m[k]):
+                    out[k].write(chunk.astype(dt).tobytes())
+            sent_ends = np.cumsum(np.fromfile(part / "sentence_lengths.bin", np.int64)) + t_off
+            out["sentences"].write(sent_ends.astype(np.int64).tobytes())
+            doc_ends = np.cumsum(np.fromfile(part / "document_sentences.bin", np.int64)) + s_off
+            out["documents"].write(doc_ends.tobytes())
+            sent_starts = np.concatenate([[t_off], sent_ends])
+            out["doc_starts"].write(sent_starts[doc_ends - s_off].astype(np.int64).tobytes())
+            t_off += m["tokens"]
+            s_off += m["sentence_lengths"]
+    finally:
+        for f in out.values():
+            f.close()
+    if t_off == 0:
+        raise corpus_lib.CorpusError(f"the corpus yields no tokens ({', '.join(map(str, files[:5]))})")
+    index = dict(format=FORMAT_VERSION, tokens=t_off, sentences=s_off,
+                 documents=sum(m["document_sentences"] for m in metas), token_dtype=np.dtype(token_dtype).name,
+                 files=[str(f) for f in files], chars=sum(m["chars"] for m in metas))
+    tmp = folder / "index.json.tmp"
+    tmp.write_text(json.dumps(index))
+    os.replace(tmp, folder / "index.json")
+    shutil.rmtree(folder / "parts", ignore_errors=True)
+
+
+def _chunks(path: pathlib.Path, dtype, n: int) -> Iterator[np.ndarray]:
+    m = np.memmap(path, dtype, "r", shape=(n,)) if n else np.zeros(0, dtype)
+    for s in range(0, n, _COPY_ITEMS):
+        yield np.asarray(m[s:s + _COPY_ITEMS])
+
+
+def folder_for(files: Sequence[pathlib.Path], tokenizer: Tokenizer, cache_dir, document_boundary: str,
+               splitter: str) -> pathlib.Path:
+    if document_boundary not in ("file", "blank_line"):
+        raise ValueError(f"--document_boundary={document_boundary!r}: must be file or blank_line")
+    splitter_fn(splitter)  # an unknown name fails before any work
+    return pathlib.Path(cache_dir) / fingerprint(files, tokenizer, document_boundary, splitter)
+
+
+def is_prepared(folder: pathlib.Path) -> bool:
+    return (folder / "index.json").exists()
 
 
 def build(files: Sequence[pathlib.Path], tokenizer: Tokenizer, tokenizer_dir: str | pathlib.Path,
           cache_dir: str | pathlib.Path, document_boundary: str = "file",
-          workers: int | None = None, splitter: str = "pysbd") -> TokenizedCorpus:
-    """Tokenize `files` into the cache (if not there yet) and load it."""
-    if document_boundary not in ("file", "blank_line"):
-        raise ValueError(f"--document_boundary={document_boundary!r}: must be file or blank_line")
-    splitter_fn(splitter)  # an unknown name fails before any work
-    folder = pathlib.Path(cache_dir) / fingerprint(files, tokenizer, document_boundary, splitter)
-    if not (folder / "DONE").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        todo = [(i, f) for i, f in enumerate(files) if not (folder / f"shard-{i:05d}.npz").exists()]
-        logging.info("tokenizing %d file(s) into %s", len(todo), folder)
-        jobs = [(str(f), str(tokenizer_dir), document_boundary, splitter) for _, f in todo]
-        workers = workers or min(len(jobs), os.cpu_count() or 1) or 1
-        if workers > 1:
-            # spawn, not fork: the parent runs JAX threads, which fork would deadlock.
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                results = pool.map(_tokenize_file, jobs, chunksize=4)
-                for (i, _), shard in zip(todo, results):
-                    _write_shard(folder / f"shard-{i:05d}.npz", shard)
-        else:
-            for (i, _), job in zip(todo, jobs):
-                _write_shard(folder / f"shard-{i:05d}.npz", _tokenize_file(job))
-        (folder / "DONE").write_text(json.dumps([str(f) for f in files]))
-    return load(folder, len(files))
+          workers: int | None = None, splitter: str = "pysbd", process_index: int = 0, process_count: int = 1,
+          barrier: Callable[[str], None] | None = None) -> TokenizedCorpus:
+    """Prepare `files` into the cache (if not there yet) and load it memory-mapped. With
+    several processes each prepares its share, `barrier(name)` waits for all of them, and
+    process 0 merges."""
+    folder = folder_for(files, tokenizer, cache_dir, document_boundary, splitter)
+    if not is_prepared(folder):
+        prepare_parts(files, tokenizer_dir, folder, document_boundary, splitter, workers,
+                      process_index, process_count)
+        if barrier:
+            barrier(f"parts:{folder.name}")
+        if process_index == 0:
+            merge_parts(files, folder, tokenizer.vocab_size)
+        if barrier:
+            barrier(f"merged:{folder.name}")
+    return load(folder)
 
 
-def _write_shard(path: pathlib.Path, shard: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(fd)
-    np.savez(tmp, **shard)
-    os.replace(tmp, path)
-
-
-def load(folder: pathlib.Path, n_shards: int) -> TokenizedCorpus:
-    tokens, word_start, sentences, documents = [], [], [np.zeros(1, np.int64)], [np.zeros(1, np.int64)]
-    t_off = s_off = 0
-    for i in range(n_shards):
-        with np.load(folder / f"shard-{i:05d}.npz", allow_pickle=False) as z:
-            tokens.append(z["tokens"])
-            word_start.append(z["word_start"])
-            sentences.append(z["sentences"][1:] + t_off)
-            documents.append(z["documents"][1:] + s_off)
-            t_off += len(z["tokens"])
-            s_off += len(z["sentences"]) - 1
-    if t_off == 0:
-        raise corpus_lib.CorpusError(f"the corpus yields no tokens (cache {folder})")
-    return TokenizedCorpus(np.concatenate(tokens), np.concatenate(word_start),
-                           np.concatenate(sentences).astype(np.int64), np.concatenate(documents).astype(np.int64))
+def load(folder: pathlib.Path) -> TokenizedCorpus:
+    """The prepared corpus in `folder`, memory-mapped (read-only)."""
+    index = json.loads((folder / "index.json").read_text())
+    if index.get("format") != FORMAT_VERSION:
+        raise corpus_lib.CorpusError(f"{folder}: prepared by another format ({index.get('format')})")
+    n = dict(tokens=index["tokens"], word_start=index["tokens"], sentences=index["sentences"] + 1,
+             documents=index["documents"] + 1, doc_starts=index["documents"] + 1)
+    dtypes = dict(tokens=index["token_dtype"], word_start="uint8", sentences="int64",
+                  documents="int64", doc_starts="int64")
+    arrays = {}
+    for k in _ARRAYS:
+        path = folder / f"{k}.bin"
+        if path.stat().st_size != n[k] * np.dtype(dtypes[k]).itemsize:
+            raise corpus_lib.CorpusError(f"{path}: {path.stat().st_size} bytes, expected "
+                                         f"{n[k]} x {dtypes[k]}; the prepared corpus is damaged: delete {folder}")
+        arrays[k] = np.memmap(path, dtypes[k], "r", shape=(n[k],))
+    return TokenizedCorpus(**arrays)

@@ -12,8 +12,19 @@ An instance is five integers, token ranges into the corpus:
   none  (RoBERTa FULL-SENTENCES, Liu et al. §4.2): one range of contiguous sentences that
         may cross document boundaries, where an extra [SEP] is inserted; label unused.
 
-Instances are built once per (corpus, seed, options); training epochs reshuffle them and
-masking is dynamic, so each epoch sees new masks.
+Two ways to get them:
+  prebuilt    (`build`) BERT's create_pretraining_data walk over every document, once per
+              (corpus, seed, options): the same pairs every epoch, reshuffled; memory and
+              start-up time grow with the corpus (40 bytes per instance; minutes for GBs).
+  on the fly  (`OnTheFly`) a pure function of (seed, epoch, slot), built when a row is read:
+              slot r of an epoch starts at the sentence holding token r*D + j_epoch (D =
+              tokens per row less the average part of a sentence that a row of whole
+              sentences leaves out, j_epoch a seeded shift in [0, D)), so the slots cover the
+              corpus about once per epoch and every epoch pairs it anew (the role of BERT's
+              dupe_factor); nothing is held per instance, so memory does not grow with the
+              corpus. The per-pair rules are those above; where a slot holds one sentence
+              only, SOP splits it at a random token, NSP takes B from another document.
+Masking is dynamic either way, so each epoch sees new masks.
 """
 
 from __future__ import annotations
@@ -63,6 +74,95 @@ def build(c: TokenizedCorpus, cfg: InstanceConfig, seed: int) -> np.ndarray:
     if not out:
         raise ValueError("the corpus is too small to form one pretraining instance")
     return np.asarray(out, np.int64)
+
+
+class OnTheFly:
+    """Instances as a pure function of (seed, epoch, slot): see the module docstring.
+    `len()` is the number of slots per epoch; calling it gives one instance. A label of
+    -1 means the slot had too little text for a sentence task (a one-token document
+    under SOP, or one document under NSP): the row carries no sentence label."""
+
+    def __init__(self, c: TokenizedCorpus, cfg: InstanceConfig, seed: int):
+        if cfg.objective not in ("nsp", "sop", "none"):
+            raise ValueError(f"objective={cfg.objective!r}: must be nsp, sop or none")
+        self.c, self.cfg, self.seed = c, cfg, seed
+        self.window = cfg.max_seq_length - (2 if cfg.objective == "none" else 3)
+        self.num_tokens = len(c.tokens)
+        if self.num_tokens == 0:
+            raise ValueError("the corpus is too small to form one pretraining instance")
+        # Slots are spaced by W less the part of a sentence a row of whole sentences leaves
+        # out at its end on average (a boundary falls in a sentence with probability
+        # proportional to its length: E[len^2] / 2 E[len], from the first 1M sentences), so
+        # an epoch covers the text about once instead of skipping that part of every row.
+        lens = np.diff(np.asarray(c.sentences[:1_000_001], np.int64)).clip(0, self.window).astype(np.float64)
+        left_out = (lens ** 2).sum() / (2 * max(lens.sum(), 1.0))
+        self.spacing = max(1, self.window - int(round(min(left_out, self.window / 2))))
+        self.num_slots = -(-self.num_tokens // self.spacing)
+
+    def __len__(self) -> int:
+        return self.num_slots
+
+    def __call__(self, epoch: int, slot: int) -> tuple[int, int, int, int, int]:
+        c, W, T = self.c, self.window, self.num_tokens
+        shift = int(np.random.default_rng([self.seed, 0x1A57, epoch]).integers(self.spacing))
+        rng = np.random.default_rng([self.seed, 0x1A57, epoch, slot])
+        start = (slot * self.spacing + shift) % T
+        s = int(np.searchsorted(c.sentences, start, "right")) - 1  # the sentence holding `start`
+        if int(c.sentences[s + 1]) - int(c.sentences[s]) <= W:
+            start = int(c.sentences[s])  # rows start at a sentence, unless it is longer than a row
+        if self.cfg.objective == "none":
+            return self._full_sentences(s, start)
+        return self._pair(s, start, rng)
+
+    def _full_sentences(self, s: int, start: int):
+        c, W = self.c, self.window
+        ends = np.asarray(c.sentences[s + 1:s + W + 2], np.int64)
+        inside = c.document_starts_inside(start, start + W + 1)
+        cost = (ends - start) + np.searchsorted(inside, ends, "left")  # a [SEP] per document start
+        fit = int(np.count_nonzero(cost <= W))
+        if fit == 0:  # one sentence longer than a row: its head
+            return (start, min(start + W, self.num_tokens), 0, 0, 0)
+        return (start, int(ends[fit - 1]), 0, 0, 0)
+
+    def _pair(self, s: int, start: int, rng):
+        c, W, cfg = self.c, self.window, self.cfg
+        target = W if rng.random() >= cfg.short_seq_prob else int(rng.integers(2, W + 1))
+        d = int(np.searchsorted(c.document_starts, start, "right")) - 1
+        last = int(c.documents[d + 1])  # the document's end, in sentences
+        ends = np.asarray(c.sentences[s + 1:min(last, s + W + 1) + 1], np.int64)
+        # Sentences until the target is reached (the last may cross it; truncation trims), as BERT.
+        fit = min(len(ends), int(np.count_nonzero(ends - start < target)) + 1)
+        if fit >= 2:  # A = sentences [0, k), B = [k, fit)
+            k = int(rng.integers(1, fit))
+            a, cont = (start, int(ends[k - 1])), (int(ends[k - 1]), int(ends[fit - 1]))
+        else:  # one sentence: the document's last, or longer than the target
+            end = min(int(ends[0]), start + max(target, 2))
+            a, cont = (start, end), None
+            if cfg.objective == "sop" and end - start >= 2:
+                k = int(rng.integers(start + 1, end))
+                a, cont = (start, k), (k, end)
+        if cfg.objective == "sop":
+            if cont is None:
+                return (a[0], a[1], a[1], a[1], -1)
+            inst = (cont[0], cont[1], a[0], a[1], 1) if rng.random() < 0.5 else (a[0], a[1], cont[0], cont[1], 0)
+            return _truncate(inst, W, rng)
+        if cont is None or rng.random() < 0.5:
+            if c.num_documents < 2:
+                inst = (a[0], a[1], a[1], a[1], -1) if cont is None else (a[0], a[1], cont[0], cont[1], 0)
+                return _truncate(inst, W, rng)
+            other = d
+            for _ in range(10):  # BERT tries 10 times to draw a different document
+                other = int(rng.integers(0, c.num_documents))
+                if other != d:
+                    break
+            o0, o1 = int(c.documents[other]), int(c.documents[other + 1])
+            b_start = int(rng.integers(o0, o1))
+            b0 = int(c.sentences[b_start])
+            ends_b = np.asarray(c.sentences[b_start + 1:min(o1, b_start + W + 1) + 1], np.int64)
+            need = max(1, target - (a[1] - a[0]))
+            b1 = int(ends_b[min(int(np.searchsorted(ends_b - b0, need, "left")), len(ends_b) - 1)])
+            return _truncate((a[0], a[1], b0, b1, 1), W, rng)
+        return _truncate((a[0], a[1], cont[0], cont[1], 0), W, rng)
 
 
 def _pair(c, chunk, target, objective, doc, rng):

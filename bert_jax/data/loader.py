@@ -2,7 +2,9 @@
 this process's share of every global batch, and device placement.
 
 Stream position p of a run: epoch p // R, row perm_epoch[p % R] (R rows; a row is one
-instance, or several packed ones). Process i of n reads, for global step s, positions
+instance, or several packed ones). With instances made on the fly (instances.OnTheFly)
+the row is the instance of slot perm_epoch[p % R] of epoch p // R, and perm_epoch is
+grain's index_shuffle, a permutation computed per index: nothing grows with the corpus. Process i of n reads, for global step s, positions
 s*G + i*G/n ... s*G + (i+1)*G/n - 1 (G = global batch): no host builds the global batch,
 the shares are disjoint and together equal the single-process batch. Masks are keyed on
 (seed, p) (masking.example_rng), so the data of a step does not depend on n or restarts.
@@ -77,11 +79,20 @@ class PretrainSource:
         self.specials, self.vocab_size = specials, vocab_size
         self.local_batch = cfg.global_batch_size // process_count
         self.process_index = process_index
-        if cfg.max_examples_per_row > 1:
+        self.on_the_fly = isinstance(instances, inst_lib.OnTheFly)
+        if self.on_the_fly:
+            if cfg.max_examples_per_row > 1:
+                raise ValueError(f"--max_examples_per_row={cfg.max_examples_per_row} packs prebuilt instances "
+                                 "(their lengths are known ahead): use it with --instances=prebuilt")
+            self.rows = None
+            self.num_rows = len(instances)
+        elif cfg.max_examples_per_row > 1:
             lengths = self._lengths()
             self.rows = pack_rows(lengths, cfg.max_seq_length, cfg.max_examples_per_row, cfg.seed)
         else:
             self.rows = np.arange(len(instances), dtype=np.int64)[:, None]
+        if self.rows is not None:
+            self.num_rows = len(self.rows)
         self._perms: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -111,10 +122,14 @@ class PretrainSource:
     def example(self, pos: int) -> dict[str, np.ndarray]:
         """The row at stream position `pos` (a pure function of seed and pos)."""
         c, L, K = self.cfg, self.cfg.max_seq_length, self.cfg.max_examples_per_row
-        epoch, r = divmod(pos, len(self.rows))
-        row = self.rows[self._perm(epoch)[r]]
-        parts = [inst_lib.materialize(self.corpus, self.instances[i], c.objective, self.specials)
-                 for i in row if i >= 0]
+        epoch, r = divmod(pos, self.num_rows)
+        if self.on_the_fly:
+            seed = int(np.random.SeedSequence([c.seed, epoch]).generate_state(1)[0])
+            slot = grain.experimental.index_shuffle(r, max_index=self.num_rows - 1, seed=seed, rounds=4)
+            chosen = [self.instances(epoch, slot)]
+        else:
+            chosen = [self.instances[i] for i in self.rows[self._perm(epoch)[r]] if i >= 0]
+        parts = [inst_lib.materialize(self.corpus, x, c.objective, self.specials) for x in chosen]
         ids = np.full(L, self.specials.pad, np.int32)
         types = np.zeros(L, np.int32)
         words = np.zeros(L, np.uint8)
@@ -131,7 +146,7 @@ class PretrainSource:
             ids[sl], types[sl], words[sl], special[sl] = p_ids[:n], p_types[:n], p_words[:n], p_special[:n]
             seg[sl] = e + 1
             positions[sl] = np.arange(n) + c.position_offset
-            cls_pos[e], labels[e], label_w[e] = t, label, 1.0
+            cls_pos[e], labels[e], label_w[e] = t, max(label, 0), float(label >= 0)  # -1: no label
             t += n
         rng = masking.example_rng(c.seed, pos)
         masked, mpos, mids, mw = masking.mask_tokens(ids, special, words, rng, self.mcfg,

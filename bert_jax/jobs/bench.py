@@ -143,7 +143,7 @@ def bench_input_pipeline(o: BenchOptions) -> dict:
         real += int(src.example(pos)["attention_mask"].sum())
     dt = time.perf_counter() - t0
     L = o.max_seq_length
-    return dict(mode="input_pipeline", seq_len=L, max_examples_per_row=o.max_examples_per_row,
+    return dict(mode="input_pipeline", seq_len=L, max_examples_per_row=o.max_examples_per_row, instances=o.instances,
                 objective=cfg.objective, rows_per_s=round(o.rows / dt, 1),
                 row_tokens_per_s=round(o.rows * L / dt, 1), real_tokens_per_s=round(real / dt, 1),
                 real_token_fraction=round(real / (o.rows * L), 4), prepare_s=round(prepare_s, 2))

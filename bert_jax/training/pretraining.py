@@ -46,8 +46,11 @@ RESUME_MAY_CHANGE = frozenset({
     "mesh_tensor", "checkpoint_every", "keep_checkpoints", "async_checkpoint", "log_every",
     "eval_every", "eval_batches", "max_nonfinite_streak", "progress_bar", "unlogged_transfers", "scan_layers",
     "coordinator_address", "num_processes", "process_id", "deterministic_gpu", "heartbeat_timeout",
-    "compilation_cache",
+    "compilation_cache", "prepare_only",
     "remat_policy", "attention_impl"})
+
+# What a run recorded before these flags existed did: its checkpoints resume with them.
+FLAGS_BEFORE_THEY_EXISTED = {"instances": "prebuilt"}
 
 
 def flag_record(o: PretrainOptions) -> dict[str, Any]:
@@ -65,6 +68,7 @@ def check_resume(o: PretrainOptions, manifest: dict, tok: Tokenizer, where: path
     if old is None:
         logging.warning("%s records no options (an older checkpoint): flags not compared", where)
         return
+    old = {**FLAGS_BEFORE_THEY_EXISTED, **old}
     new = flag_record(o)
     diff = [f"--{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k)]
@@ -100,6 +104,12 @@ def _first_process_then_all(name: str, fn):
     return out if jax.process_index() == 0 else fn()
 
 
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def prepare_tokenizer(o: PretrainOptions, workdir: pathlib.Path) -> tuple[Tokenizer, pathlib.Path]:
     return _first_process_then_all("tokenizer", lambda: _prepare_tokenizer(o, workdir))
 
@@ -129,16 +139,18 @@ def _prepare_tokenizer(o: PretrainOptions, workdir: pathlib.Path) -> tuple[Token
 def make_source(o: PretrainOptions, cfg: ModelConfig, tok: Tokenizer, tok_dir, corpus_glob,
                 seed: int, cache_dir: pathlib.Path, flag: str) -> loader.PretrainSource:
     files = corpus.expand(corpus_glob, flag)
-    build = lambda boundary: cache.build(files, tok, tok_dir, cache_dir, boundary, splitter=o.sentence_splitter)
-    tc = _first_process_then_all(f"cache{flag}", lambda: build(o.document_boundary))
+    build = lambda boundary: cache.build(files, tok, tok_dir, cache_dir, boundary, splitter=o.sentence_splitter,
+                                         process_index=jax.process_index(), process_count=jax.process_count(),
+                                         barrier=_barrier)
+    tc = build(o.document_boundary)  # every process prepares its share of the files
     objective = cfg.pretraining_objective
     if objective.needs_documents and tc.num_documents < 2 and o.document_boundary == "file":
         # NSP draws random next segments from other documents: one file is one document.
         logging.warning("%s has one document; --objective=%s needs several, so paragraphs (blank "
                         "lines) are taken as documents", flag, objective.name)
-        tc = _first_process_then_all(f"cache_bl{flag}", lambda: build("blank_line"))
+        tc = build("blank_line")
     icfg = instances.InstanceConfig(o.max_seq_length, objective.instance_kind, o.short_seq_prob)
-    inst = instances.build(tc, icfg, seed)
+    inst = instances.OnTheFly(tc, icfg, seed) if o.instances == "on_the_fly" else instances.build(tc, icfg, seed)
     pcfg = loader.PipelineConfig(max_seq_length=o.max_seq_length, objective=objective.instance_kind,
                                  global_batch_size=o.batch_size, seed=seed,
                                  position_offset=cfg.position_offset,
@@ -191,6 +203,9 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     src = make_source(o, cfg, tok, tok_dir, o.corpus, o.seed, cache_dir, "--corpus")
     held = (make_source(o, cfg, tok, tok_dir, o.heldout_corpus, 12345, cache_dir, "--heldout_corpus")
             if o.heldout_corpus else None)
+    if o.prepare_only:
+        logging.info("--prepare_only: tokenizer in %s, corpus prepared in %s", tok_dir, cache_dir)
+        return {"prepared": str(cache_dir)}
 
     ocfg = dataclasses.replace(o.optim, train_steps=o.train_steps)
     tx, lr_fn = optim.make(ocfg), optim.schedule(ocfg)
