@@ -17,8 +17,8 @@ i % n == its index, with a pool of worker processes; a worker streams its file a
 appends to its part's files in batches of sentences, so memory stays bounded whatever the
 file's size. Parts are written to a temporary name and renamed, so a preparation that is
 stopped and started again skips the finished ones. One process then concatenates the
-parts (streamed) into the arrays above; training memory-maps them, so host memory does
-not grow with the corpus.
+parts (streamed) into the arrays above; training reads them by slices (tokens) or
+memory-mapped (offsets), so host memory does not grow with the corpus.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import mmap
 import multiprocessing
 import os
 import pathlib
@@ -138,13 +139,18 @@ _PROGRESS_EVERY_CHARS = 20_000_000
 _PART_FILES = dict(tokens=np.int32, word_start=np.uint8, sentence_lengths=np.int64, document_sentences=np.int64)
 
 
+@functools.lru_cache(maxsize=2)
+def _tokenizer(tokenizer_dir: str) -> Tokenizer:  # once per worker process, not per file
+    return Tokenizer.load(tokenizer_dir)
+
+
 def _tokenize_file(args) -> dict:
     """Tokenize one file into the part folder `out`, streamed: batches of sentences are
     appended to the part's files, so memory stays bounded; progress on stderr for large
     files. Written to a temporary folder and renamed when complete. Returns its counts."""
     path, tokenizer_dir, document_boundary, splitter, out = args
     out = pathlib.Path(out)
-    tok = Tokenizer.load(tokenizer_dir)
+    tok = _tokenizer(tokenizer_dir)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     fh = {k: open(tmp / f"{k}.bin", "wb") for k in _PART_FILES}
     counts = dict.fromkeys(_PART_FILES, 0)
@@ -317,8 +323,48 @@ def build(files: Sequence[pathlib.Path], tokenizer: Tokenizer, tokenizer_dir: st
     return load(folder)
 
 
+class FileArray:
+    """A read-only 1-D array in a file, read by slices with os.pread (thread-safe, no shared
+    file position): the pages read stay in the OS page cache, not in this process, so the
+    token arrays (the bulk of a corpus) add nothing to its resident memory however long a
+    run reads them. Supports len(), slicing, integer indexing and np.asarray."""
+
+    def __init__(self, path: pathlib.Path, dtype, n: int):
+        self.path, self.dtype, self.shape = path, np.dtype(dtype), (n,)
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("FileArray: only contiguous slices")
+            n = max(stop - start, 0)
+            size = self.dtype.itemsize
+            return np.frombuffer(os.pread(self._fd, n * size, start * size), self.dtype) if n else \
+                np.zeros(0, self.dtype)
+        i = int(key) + (len(self) if int(key) < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {key} out of range for {len(self)}")
+        return self[i:i + 1][0]
+
+    def __array__(self, dtype=None, copy=None):
+        a = self[:]
+        return a.astype(dtype) if dtype is not None else a
+
+    def __del__(self):
+        try:
+            os.close(self._fd)
+        except (OSError, AttributeError):
+            pass
+
+
 def load(folder: pathlib.Path) -> TokenizedCorpus:
-    """The prepared corpus in `folder`, memory-mapped (read-only)."""
+    """The prepared corpus in `folder`: tokens and word starts read by slices (FileArray),
+    the offset arrays memory-mapped (binary searches touch a few pages each; readahead is
+    turned off, as access is random)."""
     index = json.loads((folder / "index.json").read_text())
     if index.get("format") != FORMAT_VERSION:
         raise corpus_lib.CorpusError(f"{folder}: prepared by another format ({index.get('format')})")
@@ -332,5 +378,9 @@ def load(folder: pathlib.Path) -> TokenizedCorpus:
         if path.stat().st_size != n[k] * np.dtype(dtypes[k]).itemsize:
             raise corpus_lib.CorpusError(f"{path}: {path.stat().st_size} bytes, expected "
                                          f"{n[k]} x {dtypes[k]}; the prepared corpus is damaged: delete {folder}")
-        arrays[k] = np.memmap(path, dtypes[k], "r", shape=(n[k],))
+        if k in ("tokens", "word_start"):
+            arrays[k] = FileArray(path, dtypes[k], n[k])
+        else:
+            arrays[k] = np.memmap(path, dtypes[k], "r", shape=(n[k],))
+            arrays[k]._mmap.madvise(mmap.MADV_RANDOM)
     return TokenizedCorpus(**arrays)

@@ -30,6 +30,7 @@ Masking is dynamic either way, so each epoch sees new masks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -102,9 +103,13 @@ class OnTheFly:
     def __len__(self) -> int:
         return self.num_slots
 
+    @functools.lru_cache(maxsize=4)
+    def _shift(self, epoch: int) -> int:
+        return int(np.random.default_rng([self.seed, 0x1A57, epoch]).integers(self.spacing))
+
     def __call__(self, epoch: int, slot: int) -> tuple[int, int, int, int, int]:
         c, W, T = self.c, self.window, self.num_tokens
-        shift = int(np.random.default_rng([self.seed, 0x1A57, epoch]).integers(self.spacing))
+        shift = self._shift(epoch)
         rng = np.random.default_rng([self.seed, 0x1A57, epoch, slot])
         start = (slot * self.spacing + shift) % T
         s = int(np.searchsorted(c.sentences, start, "right")) - 1  # the sentence holding `start`

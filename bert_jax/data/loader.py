@@ -14,6 +14,7 @@ The grain iterator state goes into every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
 import threading
 
@@ -124,8 +125,8 @@ class PretrainSource:
         c, L, K = self.cfg, self.cfg.max_seq_length, self.cfg.max_examples_per_row
         epoch, r = divmod(pos, self.num_rows)
         if self.on_the_fly:
-            seed = int(np.random.SeedSequence([c.seed, epoch]).generate_state(1)[0])
-            slot = grain.experimental.index_shuffle(r, max_index=self.num_rows - 1, seed=seed, rounds=4)
+            slot = grain.experimental.index_shuffle(r, max_index=self.num_rows - 1, seed=_epoch_seed(c.seed, epoch),
+                                                    rounds=4)
             chosen = [self.instances(epoch, slot)]
         else:
             chosen = [self.instances[i] for i in self.rows[self._perm(epoch)[r]] if i >= 0]
@@ -157,6 +158,12 @@ class PretrainSource:
         if K > 1:
             out.update(segment_ids=seg, position_ids=positions)
         return out
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """The 32-bit seed of epoch `epoch`'s order (index_shuffle takes 32 bits)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
 def make_iterator(source: PretrainSource, state: dict | None = None):

@@ -12,6 +12,9 @@ from bert_jax.options import PretrainOptions
 def main(opts: PretrainOptions):
     from bert_jax.training import pretraining
     summary = pretraining.run(opts)
+    if "prepared" in summary:
+        print(f"pretrain: --prepare_only: tokenizer and corpus prepared in {summary['prepared']}")
+        return
     held = summary.get("heldout", {})
     line = f"pretrain: step {summary['step']}"
     if held:

@@ -205,7 +205,7 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
             if o.heldout_corpus else None)
     if o.prepare_only:
         logging.info("--prepare_only: tokenizer in %s, corpus prepared in %s", tok_dir, cache_dir)
-        return {"prepared": str(cache_dir)}
+        return {"prepared": str(cache_dir), "tokenizer": str(tok_dir)}
 
     ocfg = dataclasses.replace(o.optim, train_steps=o.train_steps)
     tx, lr_fn = optim.make(ocfg), optim.schedule(ocfg)
