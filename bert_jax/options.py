@@ -192,6 +192,10 @@ class PretrainOptions(RunOptions):
     masked_lm_prob: float = option(0.15, "Fraction of tokens to predict.", lower=0.0, upper=1.0)
     whole_word_masking: bool = option(False, "Mask all sub-tokens of a chosen word.")
     max_ngram: int = option(1, "ALBERT n-gram masking: spans of up to this many words (1 = off).", lower=1)
+    static_masks: int = option(
+        0, "0 = dynamic masking (new masks every time a row is read, RoBERTa); K >= 1 = static: each "
+        "instance has K fixed masks, used in turn epoch by epoch (BERT's data pipeline with dupe_factor=K; "
+        "RoBERTa Table 1 compares K=10 with dynamic). Needs --instances=prebuilt.", lower=0)
     short_seq_prob: float = option(0.1, "Probability of a shorter target length (BERT).", lower=0.0, upper=1.0)
     max_examples_per_row: int = option(1, "Pack up to this many instances per row (1 = no packing; "
                                        "needs --instances=prebuilt).", lower=1)
@@ -213,6 +217,9 @@ class PretrainOptions(RunOptions):
     eval_batches: int = option(10, "Held-out batches per evaluation.", lower=1)
 
     def __post_init__(self):
+        if self.static_masks and self.instances != "prebuilt":
+            raise ValueError(f"--static_masks={self.static_masks} fixes the masks of each instance, but "
+                             f"--instances={self.instances} pairs the text anew every epoch: use --instances=prebuilt")
         if self.max_examples_per_row > 1 and self.instances != "prebuilt":
             raise ValueError(f"--max_examples_per_row={self.max_examples_per_row} packs instances whose lengths "
                              f"are known ahead: it needs --instances=prebuilt (not {self.instances})")

@@ -120,12 +120,13 @@ def test_nsp_and_sop_labels_are_balanced_and_mean_what_they_say(corpus):
 
 
 def source(corpus, tok, objective="nsp", batch=8, procs=(0, 1), seed=0, per_row=1, offset=0,
-           short_seq_prob=0.1, instance_len=64, on_the_fly=False):
+           short_seq_prob=0.1, instance_len=64, on_the_fly=False, static_masks=0):
     tok = Tokenizer.load(tok)
     icfg = instances.InstanceConfig(instance_len, objective, short_seq_prob)
     inst = instances.OnTheFly(corpus, icfg, seed) if on_the_fly else instances.build(corpus, icfg, seed)
     pcfg = loader.PipelineConfig(64, objective, batch, seed, position_offset=offset,
-                                 max_examples_per_row=per_row, num_threads=2, prefetch=4)
+                                 max_examples_per_row=per_row, num_threads=2, prefetch=4,
+                                 static_masks=static_masks)
     mcfg = masking.MaskingConfig(max_predictions_per_seq=10)
     sp = instances.SpecialIds(tok.cls_id, tok.sep_id, tok.pad_id, tok.mask_id)
     return loader.PretrainSource(corpus, inst, pcfg, mcfg, sp, tok.vocab_size, *procs)
@@ -184,6 +185,26 @@ def test_packed_rows_match_unpacked_examples_through_the_model(corpus, tok_dir, 
             alone = jax.jit(model.apply)({"params": params}, ids, row["token_type_ids"][b, idx][None],
                                          np.ones_like(ids))["sequence_output"]
             np.testing.assert_allclose(packed[b, idx], alone[0], atol=2e-5)
+
+
+@pytest.mark.parametrize("static_masks", [0, 2])
+def test_static_masks_repeat_every_k_epochs_dynamic_never(corpus, tok_dir, static_masks):
+    """--static_masks=K: an instance shows the same masks in epochs e and e+K and other ones
+    in e+1 (BERT's dupe_factor); 0 (dynamic): new masks every epoch."""
+    src = source(corpus, tok_dir, static_masks=static_masks)
+    R = src.num_rows
+
+    def masked(epoch, row):  # the row's masked positions when read in `epoch`
+        r = int(np.flatnonzero(src._perm(epoch) == row)[0])
+        return tuple(src.example(epoch * R + r)["masked_positions"])
+    rows = range(0, R, max(R // 40, 1))
+    same = lambda e1, e2: np.mean([masked(e1, x) == masked(e2, x) for x in rows])
+    if static_masks:
+        assert same(0, 2) == 1.0 and same(1, 3) == 1.0 and same(0, 1) < 0.2
+    else:
+        assert same(0, 2) < 0.2 and same(0, 1) < 0.2
+    with pytest.raises(ValueError, match="--static_masks=2 needs --instances=prebuilt"):
+        source(corpus, tok_dir, static_masks=2, on_the_fly=True)
 
 
 @pytest.mark.parametrize("objective", ["nsp", "sop", "none"])

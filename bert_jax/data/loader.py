@@ -37,6 +37,7 @@ class PipelineConfig:
     seed: int
     position_offset: int = 0       # first real position (RoBERTa: pad_id + 1)
     max_examples_per_row: int = 1  # > 1 packs several instances per row
+    static_masks: int = 0          # K >= 1: masks keyed on (row, epoch % K), not the position
     num_threads: int = 4
     prefetch: int = 64
 
@@ -82,6 +83,8 @@ class PretrainSource:
         self.process_index = process_index
         self.on_the_fly = isinstance(instances, inst_lib.OnTheFly)
         if self.on_the_fly:
+            if cfg.static_masks:
+                raise ValueError(f"--static_masks={cfg.static_masks} needs --instances=prebuilt")
             if cfg.max_examples_per_row > 1:
                 raise ValueError(f"--max_examples_per_row={cfg.max_examples_per_row} packs prebuilt instances "
                                  "(their lengths are known ahead): use it with --instances=prebuilt")
@@ -129,7 +132,8 @@ class PretrainSource:
                                                     rounds=4)
             chosen = [self.instances(epoch, slot)]
         else:
-            chosen = [self.instances[i] for i in self.rows[self._perm(epoch)[r]] if i >= 0]
+            row_id = int(self._perm(epoch)[r])
+            chosen = [self.instances[i] for i in self.rows[row_id] if i >= 0]
         parts = [inst_lib.materialize(self.corpus, x, c.objective, self.specials) for x in chosen]
         ids = np.full(L, self.specials.pad, np.int32)
         types = np.zeros(L, np.int32)
@@ -149,7 +153,10 @@ class PretrainSource:
             positions[sl] = np.arange(n) + c.position_offset
             cls_pos[e], labels[e], label_w[e] = t, max(label, 0), float(label >= 0)  # -1: no label
             t += n
-        rng = masking.example_rng(c.seed, pos)
+        if c.static_masks:  # the same K masks of this row whatever the epoch (BERT's static masking)
+            rng = masking.example_rng(c.seed, row_id * c.static_masks + epoch % c.static_masks)
+        else:
+            rng = masking.example_rng(c.seed, pos)
         masked, mpos, mids, mw = masking.mask_tokens(ids, special, words, rng, self.mcfg,
                                                      self.vocab_size, self.specials.mask)
         out = dict(input_ids=masked, token_type_ids=types, attention_mask=(seg > 0).astype(np.int32),

@@ -50,7 +50,7 @@ RESUME_MAY_CHANGE = frozenset({
     "remat_policy", "attention_impl"})
 
 # What a run recorded before these flags existed did: its checkpoints resume with them.
-FLAGS_BEFORE_THEY_EXISTED = {"instances": "prebuilt"}
+FLAGS_BEFORE_THEY_EXISTED = {"instances": "prebuilt", "static_masks": 0}
 
 
 def flag_record(o: PretrainOptions) -> dict[str, Any]:
@@ -154,7 +154,7 @@ def make_source(o: PretrainOptions, cfg: ModelConfig, tok: Tokenizer, tok_dir, c
     pcfg = loader.PipelineConfig(max_seq_length=o.max_seq_length, objective=objective.instance_kind,
                                  global_batch_size=o.batch_size, seed=seed,
                                  position_offset=cfg.position_offset,
-                                 max_examples_per_row=o.max_examples_per_row)
+                                 max_examples_per_row=o.max_examples_per_row, static_masks=o.static_masks)
     mcfg = masking.MaskingConfig(o.masked_lm_prob, o.max_predictions_per_seq,
                                  o.whole_word_masking, o.max_ngram)
     specials = instances.SpecialIds(tok.cls_id, tok.sep_id, tok.pad_id, tok.mask_id)
