@@ -370,9 +370,11 @@ def test_full_sentences_rows_and_their_cost_per_row(tmp_path):
             instances.materialize(c, r, "none", sp)
         return build, (time.perf_counter() - t) / len(rows)
 
+    # 30x the documents: a cost linear in them would be ~30x; memory-cache effects and other
+    # jobs on the cores gave up to 2.3x here (CI failed at a 2x bound), hence 5x.
     small = min(per_row_seconds(10_000) for _ in range(2))
-    large = per_row_seconds(300_000)
-    assert large[0] <= 2 * small[0] and large[1] <= 2 * small[1], (small, large)
+    large = min(per_row_seconds(300_000) for _ in range(2))
+    assert large[0] <= 5 * small[0] and large[1] <= 5 * small[1], (small, large)
 
 @pytest.mark.parametrize("family,objective", [("bert", "nsp"), ("albert", "sop")])
 def test_packed_rows_losses_equal_each_example_alone(corpus, tok_dir, family, objective):
