@@ -301,6 +301,39 @@ def test_corpus_prepared_by_two_processes_equals_one_and_resumes_without_rereadi
     assert len(changed.tokens) < len(single.tokens)
 
 
+def test_two_jobs_preparing_the_same_corpus_at_once_both_succeed(tok_dir, tmp_path, monkeypatch):
+    """A sweep's parallel runs share a cache: a job whose parts were removed by another job's
+    merge goes on with the merged corpus (it failed with FileNotFoundError), and two jobs
+    started together both load the same arrays."""
+    import subprocess
+    import sys
+    tok = Tokenizer.load(tok_dir)
+    files = [tmp_path / f"f{i}.txt" for i in range(4)]
+    for i, f in enumerate(files):
+        f.write_text(TRAIN[i].read_text(encoding="utf-8", errors="replace")[:15000])
+    real_merge = cache.merge_parts
+    calls = []
+
+    def merge_after_another_job(*a):  # another job merges (and removes the parts) first
+        calls.append(1)
+        if len(calls) == 1:
+            cache.build(files, tok, tok_dir, tmp_path / "c", workers=1)
+        return real_merge(*a)
+    monkeypatch.setattr(cache, "merge_parts", merge_after_another_job)
+    a = cache.build(files, tok, tok_dir, tmp_path / "c", workers=1)
+    assert len(calls) == 2 and len(a.tokens) > 0
+
+    script = ("import pathlib, sys, numpy as np; from bert_jax.data import cache; "
+              "from bert_jax.data.tokenizer import Tokenizer; "
+              "c = cache.build([pathlib.Path(f) for f in sys.argv[3:]], Tokenizer.load(sys.argv[1]), sys.argv[1], "
+              "sys.argv[2], workers=2); print(int(np.asarray(c.tokens, np.int64).sum()), len(c.sentences))")
+    args = [sys.executable, "-c", script, str(tok_dir), str(tmp_path / "both")] + [str(f) for f in files]
+    jobs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [j.communicate(timeout=300) for j in jobs]
+    assert all(j.returncode == 0 for j in jobs), [e[-2000:] for _, e in outs]
+    assert outs[0][0] == outs[1][0] == f"{int(np.asarray(a.tokens, np.int64).sum())} {len(a.sentences)}\n"
+
+
 def test_cache_is_reused(tok_dir, tmp_path, monkeypatch):
     tok = Tokenizer.load(tok_dir)
     first = cache.build(TRAIN[:2], tok, tok_dir, tmp_path, workers=1)

@@ -252,7 +252,11 @@ def merge_parts(files: Sequence[pathlib.Path], folder: pathlib.Path, vocab_size:
             raise corpus_lib.CorpusError(f"{files[i]}: not prepared (no {meta}); was a process stopped?")
         metas.append(json.loads(meta.read_text()))
     token_dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
-    out = {k: open(folder / f"{k}.bin", "wb") for k in _ARRAYS}
+    # Into a private folder, then renamed into place: another job preparing the same corpus
+    # (a sweep's parallel runs share a cache) may merge at the same time; both write the
+    # same bytes, and index.json, renamed last, says the arrays are complete.
+    tmp_dir = pathlib.Path(tempfile.mkdtemp(dir=folder, prefix=".merge"))
+    out = {k: open(tmp_dir / f"{k}.bin", "wb") for k in _ARRAYS}
     t_off = s_off = 0
     try:
         out["sentences"].write(np.zeros(1, np.int64).tobytes())
@@ -275,13 +279,16 @@ def merge_parts(files: Sequence[pathlib.Path], folder: pathlib.Path, vocab_size:
         for f in out.values():
             f.close()
     if t_off == 0:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         raise corpus_lib.CorpusError(f"the corpus yields no tokens ({', '.join(map(str, files[:5]))})")
+    for k in _ARRAYS:
+        os.replace(tmp_dir / f"{k}.bin", folder / f"{k}.bin")
     index = dict(format=FORMAT_VERSION, tokens=t_off, sentences=s_off,
                  documents=sum(m["document_sentences"] for m in metas), token_dtype=np.dtype(token_dtype).name,
                  files=[str(f) for f in files], chars=sum(m["chars"] for m in metas))
-    tmp = folder / "index.json.tmp"
-    tmp.write_text(json.dumps(index))
-    os.replace(tmp, folder / "index.json")
+    (tmp_dir / "index.json").write_text(json.dumps(index))
+    os.replace(tmp_dir / "index.json", folder / "index.json")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
     shutil.rmtree(folder / "parts", ignore_errors=True)
 
 
@@ -311,16 +318,29 @@ def build(files: Sequence[pathlib.Path], tokenizer: Tokenizer, tokenizer_dir: st
     several processes each prepares its share, `barrier(name)` waits for all of them, and
     process 0 merges."""
     folder = folder_for(files, tokenizer, cache_dir, document_boundary, splitter)
+    # Every process passes both barriers whatever it finds: another job may finish the same
+    # preparation at any moment, and processes that decided differently would wait forever.
     if not is_prepared(folder):
-        prepare_parts(files, tokenizer_dir, folder, document_boundary, splitter, workers,
-                      process_index, process_count)
-        if barrier:
-            barrier(f"parts:{folder.name}")
-        if process_index == 0:
-            merge_parts(files, folder, tokenizer.vocab_size)
-        if barrier:
-            barrier(f"merged:{folder.name}")
+        _unless_prepared_meanwhile(folder, lambda: prepare_parts(
+            files, tokenizer_dir, folder, document_boundary, splitter, workers, process_index, process_count))
+    if barrier:
+        barrier(f"parts:{folder.name}")
+    if process_index == 0 and not is_prepared(folder):
+        _unless_prepared_meanwhile(folder, lambda: merge_parts(files, folder, tokenizer.vocab_size))
+    if barrier:
+        barrier(f"merged:{folder.name}")
     return load(folder)
+
+
+def _unless_prepared_meanwhile(folder: pathlib.Path, fn) -> None:
+    """Run a preparation step; if it fails because another job finished the same
+    preparation meanwhile (and removed its parts), the corpus is there: go on."""
+    try:
+        fn()
+    except (OSError, corpus_lib.CorpusError):
+        if not is_prepared(folder):
+            raise
+        logging.info("%s was prepared meanwhile by another job", folder)
 
 
 class FileArray:
