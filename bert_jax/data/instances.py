@@ -155,19 +155,26 @@ class OnTheFly:
             if c.num_documents < 2:
                 inst = (a[0], a[1], a[1], a[1], -1) if cont is None else (a[0], a[1], cont[0], cont[1], 0)
                 return _truncate(inst, W, rng)
-            other = d
-            for _ in range(10):  # BERT tries 10 times to draw a different document
-                other = int(rng.integers(0, c.num_documents))
-                if other != d:
-                    break
-            o0, o1 = int(c.documents[other]), int(c.documents[other + 1])
-            b_start = int(rng.integers(o0, o1))
-            b0 = int(c.sentences[b_start])
-            ends_b = np.asarray(c.sentences[b_start + 1:min(o1, b_start + W + 1) + 1], np.int64)
-            need = max(1, target - (a[1] - a[0]))
-            b1 = int(ends_b[min(int(np.searchsorted(ends_b - b0, need, "left")), len(ends_b) - 1)])
+            b0, b1 = _random_segment(c, d, max(1, target - (a[1] - a[0])), rng, max_sentences=W + 1)
             return _truncate((a[0], a[1], b0, b1, 1), W, rng)
         return _truncate((a[0], a[1], cont[0], cont[1], 0), W, rng)
+
+
+def _random_segment(c, doc: int, need: int, rng, max_sentences: int | None = None) -> tuple[int, int]:
+    """NSP's random next segment: a document other than `doc` (BERT tries 10 draws), a
+    random sentence of it, and the sentences from there until `need` tokens or the
+    document's end (looking at most `max_sentences` ahead). Token range (b0, b1)."""
+    other = doc
+    for _ in range(10):
+        other = int(rng.integers(0, c.num_documents))
+        if other != doc:
+            break
+    o0, o1 = int(c.documents[other]), int(c.documents[other + 1])
+    start = int(rng.integers(o0, o1))
+    stop = o1 if max_sentences is None else min(o1, start + max_sentences)
+    b0 = int(c.sentences[start])
+    ends = np.asarray(c.sentences[start + 1:stop + 1], np.int64)
+    return b0, int(ends[min(int(np.searchsorted(ends - b0, need, "left")), len(ends) - 1)])
 
 
 def _pair(c, chunk, target, objective, doc, rng):
@@ -186,18 +193,7 @@ def _pair(c, chunk, target, objective, doc, rng):
     if len(chunk) == 1 or rng.random() < 0.5:
         if c.num_documents < 2:
             return None, 0
-        target_b = max(1, target - (a[1] - a[0]))
-        other = doc
-        for _ in range(10):  # BERT tries 10 times to draw a different document
-            other = int(rng.integers(0, c.num_documents))
-            if other != doc:
-                break
-        o0, o1 = int(c.documents[other]), int(c.documents[other + 1])
-        start = int(rng.integers(o0, o1))
-        end = start
-        while end < o1 and sent[end] - sent[start] < target_b:
-            end += 1
-        b = (int(sent[start]), int(sent[end]))
+        b = _random_segment(c, doc, max(1, target - (a[1] - a[0])), rng)
         return (a[0], a[1], b[0], b[1], 1), len(chunk) - a_end_idx  # put back unused
     b = (a[1], int(sent[chunk[-1] + 1]))
     return (a[0], a[1], b[0], b[1], 0), 0
