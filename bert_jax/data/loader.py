@@ -4,7 +4,8 @@ this process's share of every global batch, and device placement.
 Stream position p of a run: epoch p // R, row perm_epoch[p % R] (R rows; a row is one
 instance, or several packed ones). With instances made on the fly (instances.OnTheFly)
 the row is the instance of slot perm_epoch[p % R] of epoch p // R, and perm_epoch is
-grain's index_shuffle, a permutation computed per index: nothing grows with the corpus. Process i of n reads, for global step s, positions
+grain's index_shuffle, a permutation computed per index: nothing grows with the corpus.
+Process i of n reads, for global step s, positions
 s*G + i*G/n ... s*G + (i+1)*G/n - 1 (G = global batch): no host builds the global batch,
 the shares are disjoint and together equal the single-process batch. Masks are keyed on
 (seed, p) (masking.example_rng), so the data of a step does not depend on n or restarts.
