@@ -85,7 +85,8 @@ class RunOptions(MeshOptions, DistributedOptions):
     stop_at_step: int | None = option(None, "Checkpoint and exit at this step, keeping the schedule.")
     compilation_cache: str = option(
         "", "Persistent XLA compilation cache: a restarted run loads its compiled steps instead of "
-        "compiling them again. '' = <workdir>/compilation_cache, a folder = that folder (it may be shared "
+        "compiling them again. '' = <workdir>/compilation_cache (a URI workdir: pretraining's "
+        "<cache_dir>/compilation_cache, fine-tuning's none), a folder = that folder (it may be shared "
         "by runs you trust: it holds executable code), 'off' = none.")
     unlogged_transfers: str = option("allow", UNLOGGED_TRANSFERS_HELP, choices=("allow", "log", "disallow"))
     resolved_flags: str = internal("", "every flag with its final value, as a flag file (the run record)")
@@ -174,13 +175,15 @@ class VocabOptions:
 @dataclasses.dataclass(frozen=True)
 class PretrainOptions(RunOptions):
     REQUIRED: ClassVar[tuple[str, ...]] = ("workdir", "corpus")
-    workdir: str | None = option(None, "Run folder: checkpoints, metrics, tokenizer. Resumes if it holds a checkpoint.")
+    workdir: str | None = option(None, "Run folder: checkpoints, metrics, tokenizer. Resumes if it holds a checkpoint. "
+                                     "A local folder or an object-store URI (gs://bucket/run; needs --cache_dir).")
     corpus: str | None = option(None, "Comma-separated text files or globs to pretrain on.")
     heldout_corpus: str | None = option(None, "Files or globs for held-out MLM/NSP evaluation.")
     tokenizer: str | None = option(None, "Tokenizer folder; if unset, one is trained on --corpus into <workdir>/tokenizer.")
     tokenizer_vocab_size: int = option(8000, "Vocabulary size when the tokenizer is trained here.", lower=1)
     lowercase: bool = option(True, "Lowercase when training the tokenizer here.")
-    cache_dir: str | None = option(None, "Tokenized-corpus cache (default <workdir>/cache).")
+    cache_dir: str | None = option(None, "Tokenized-corpus cache, a local folder (memory-mapped; default "
+                                       "<workdir>/cache, required when --workdir is a URI).")
     document_boundary: str = option("file", "What separates documents.", choices=("file", "blank_line"))
     sentence_splitter: str = option(
         "pysbd", "Sentence splitter of corpus preparation: pysbd (rule-based, about 0.1 MB/s per core) or "
@@ -249,7 +252,8 @@ class FinetuneOptions(RunOptions):
     task: str | None = option(None, "Task type.", choices=FINETUNE_TASKS)
     init_checkpoint: str | None = option(None, "Our checkpoint folder or a Hugging Face folder.")
     train_file: str | None = option(None, "Training file (TSV/CSV/JSONL, CoNLL, or SQuAD JSON).")
-    workdir: str | None = option(None, "Output folder; a rerun of the same run resumes there.")
+    workdir: str | None = option(None, "Output folder; a rerun of the same run resumes there. A local "
+                                     "folder or an object-store URI (gs://bucket/run).")
     eval_files: tuple[tuple[str, str], ...] = option(
         (), "NAME=PATH,... of labeled files to evaluate on.", parse=_name_eq_path)
     select_on: str | None = option(None, "The --eval_files NAME whose --best_metric chooses the best "

@@ -41,6 +41,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from absl import logging
 
+from bert_jax import storage
 from bert_jax.data import corpus as corpus_lib
 from bert_jax.data.tokenizer import Tokenizer
 
@@ -90,8 +91,7 @@ def fingerprint(files: Sequence[pathlib.Path], tokenizer: Tokenizer, document_bo
     h = hashlib.sha256()
     key = [FORMAT_VERSION, tokenizer.fingerprint(), document_boundary, splitter]
     for f in files:
-        st = f.stat()
-        key.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+        key.append([os.fspath(storage.resolve(f)), *storage.size_and_mtime(f)])
     h.update(json.dumps(key).encode())
     return h.hexdigest()[:16]
 
@@ -182,7 +182,7 @@ def _tokenize_file(args) -> dict:
             del doc_lens[:-1]
 
     try:
-        for sentences, new_doc in sentence_stream(pathlib.Path(path), document_boundary, splitter):
+        for sentences, new_doc in sentence_stream(storage.path(path), document_boundary, splitter):
             if new_doc:
                 doc_lens.append(0)
             doc_lens[-1] += len(sentences)

@@ -7,12 +7,12 @@ refused by name. Over-long lines are cut (MAX_LINE_CHARS) and the cuts reported.
 from __future__ import annotations
 
 import codecs
-import glob
 import logging
 import pathlib
 import re
 from typing import Iterator, Sequence
 
+from bert_jax import storage
 from bert_jax.errors import BertJaxError
 
 log = logging.getLogger(__name__)
@@ -29,16 +29,15 @@ def expand(patterns: str | Sequence[str], flag: str = "--corpus") -> list[pathli
         patterns = [p for p in patterns.split(",") if p.strip()]
     if not patterns:
         raise CorpusError(f"{flag} is empty: give one or more files or globs")
-    files: dict[pathlib.Path, None] = {}
+    files: dict = {}
     for pat in patterns:
         pat = pat.strip()
-        hits = sorted(glob.glob(pat, recursive=True))
-        hits = [h for h in hits if pathlib.Path(h).is_file()]
+        hits = [h for h in storage.glob(pat) if h.is_file()]  # local paths or object-store URIs
         if not hits:
             raise CorpusError(f"{flag}: {pat!r} matches no file")
-        files.update((pathlib.Path(h), None) for h in hits)
+        files.update((h, None) for h in hits)
     out = list(files)
-    if all(f.stat().st_size == 0 for f in out):
+    if all(storage.size_and_mtime(f)[0] == 0 for f in out):
         raise CorpusError(f"{flag}: every matched file is empty ({', '.join(map(str, out[:5]))})")
     return out
 
@@ -71,7 +70,7 @@ def iter_raw_lines(path: pathlib.Path) -> Iterator[str]:
     # counted and replaced in one pass of the regex engine.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
     carry = ""
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         while True:
             chunk = f.read(_READ_BYTES)
             stats.bytes += len(chunk)

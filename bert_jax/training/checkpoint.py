@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from bert_jax import storage
 from bert_jax.errors import BertJaxError
 from bert_jax.model.config import ModelConfig
 
@@ -61,10 +62,15 @@ class WorkdirLock:
     killed run never leaves a stale lock behind."""
 
     def __init__(self, workdir: pathlib.Path, job: str):
-        self.path, self.job, self._f = pathlib.Path(workdir) / ".lock", job, None
+        self.path, self.job, self._f = storage.path(workdir) / ".lock", job, None
 
     def __enter__(self):
         if jax.process_index() != 0:
+            return self
+        if storage.is_remote(self.path):
+            from absl import logging
+            logging.warning("--workdir=%s is on an object store, which has no file locks: nothing "
+                            "stops a second job from using it at the same time", self.path.parent)
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
@@ -94,16 +100,16 @@ class WorkdirLock:
 
 def has_checkpoint(workdir: pathlib.Path) -> bool:
     """Whether <workdir>/checkpoints holds a finished (or in-progress) step folder."""
-    d = workdir / "checkpoints"
+    d = storage.path(workdir) / "checkpoints"
     return d.is_dir() and any(p.name.split(".")[0].isdigit() for p in d.iterdir())
 
 
 def write_config(workdir: pathlib.Path, cfg: ModelConfig) -> None:
-    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    (storage.path(workdir) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
 
 def read_config(folder: pathlib.Path) -> ModelConfig:
-    path = folder / "config.json"
+    path = storage.path(folder) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{path} is missing: {folder} is not a bert_jax checkpoint folder")
     return ModelConfig(**json.loads(path.read_text()))
@@ -111,9 +117,9 @@ def read_config(folder: pathlib.Path) -> ModelConfig:
 
 def check_same_architecture(workdir: pathlib.Path, cfg: ModelConfig) -> None:
     """Resuming a workdir trained with another model is an error naming the fields."""
-    if not (workdir / "config.json").exists():
+    if not (storage.path(workdir) / "config.json").exists():
         return
-    old = dataclasses.asdict(ModelConfig(**json.loads((workdir / "config.json").read_text())))
+    old = dataclasses.asdict(read_config(workdir))
     new = dataclasses.asdict(cfg)
     shape_fields = ("family", "objective", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "intermediate_size", "max_position_embeddings", "type_vocab_size",
@@ -170,7 +176,7 @@ class Checkpointer:
 
     def __init__(self, workdir: pathlib.Path, keep: int = 3, async_save: bool = True,
                  this_process_only: bool = False):
-        self.dir = (workdir / "checkpoints").resolve()
+        self.dir = storage.resolve(storage.path(workdir) / "checkpoints")
         self.quarantine = self.dir.parent / "checkpoints.corrupt"
         me = jax.process_index()
         alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
@@ -221,7 +227,7 @@ class Checkpointer:
             self.quarantine.mkdir(parents=True, exist_ok=True)
             if dest.exists():
                 dest = self.quarantine / f"{step}.{int(time.time())}"
-            (self.dir / str(step)).rename(dest)
+            storage.move_tree(self.dir / str(step), dest)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"set_aside_{step}")
@@ -252,9 +258,9 @@ class Checkpointer:
 def load_params(workdir: str | pathlib.Path, step: int | None = None) -> tuple[ModelConfig, Any, int]:
     """(model config, pretraining params as host arrays, step) of a pretrain workdir's
     latest (or given) checkpoint."""
-    workdir = pathlib.Path(workdir)
+    workdir = storage.path(workdir)
     cfg = read_config(workdir)
-    directory = (workdir / "checkpoints").resolve()
+    directory = storage.resolve(workdir / "checkpoints")
     if not directory.is_dir():
         raise CheckpointError(f"{directory} does not exist: {workdir} holds no checkpoint")
     mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),

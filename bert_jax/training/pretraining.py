@@ -10,14 +10,13 @@ import contextlib
 import dataclasses
 import json
 import pathlib
-import shutil
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 
-from bert_jax import options
+from bert_jax import options, storage
 from bert_jax.data import cache, corpus, instances, loader, masking
 from bert_jax.data.tokenizer import FAMILY_KIND, Tokenizer
 from bert_jax.data.tokenizer import copy_files as copy_tokenizer_files
@@ -110,30 +109,42 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def prepare_tokenizer(o: PretrainOptions, workdir: pathlib.Path) -> tuple[Tokenizer, pathlib.Path]:
-    return _first_process_then_all("tokenizer", lambda: _prepare_tokenizer(o, workdir))
+def prepare_tokenizer(o: PretrainOptions, workdir, local_root: pathlib.Path) -> tuple[Tokenizer, pathlib.Path]:
+    return _first_process_then_all("tokenizer", lambda: _prepare_tokenizer(o, workdir, local_root))
 
 
-def _prepare_tokenizer(o: PretrainOptions, workdir: pathlib.Path) -> tuple[Tokenizer, pathlib.Path]:
+def _prepare_tokenizer(o: PretrainOptions, workdir, local_root: pathlib.Path) -> tuple[Tokenizer, pathlib.Path]:
     """The run's tokenizer, copied into <workdir>/tokenizer. Trained from the corpus
-    (WordPiece unless the variant's family says otherwise) when no folder is given."""
+    (WordPiece unless the variant's family says otherwise) when no folder is given. Returns
+    it with a local folder of its files: <workdir>/tokenizer itself, or for a workdir on an
+    object store a copy under `local_root` (the tokenizers library reads local files)."""
     dest = workdir / "tokenizer"
+    remote = storage.is_remote(dest)
+    local = (local_root / "remote" / f"{storage.slug(dest)}.p{jax.process_index()}") if remote else dest
     if dest.exists() and any(dest.iterdir()):
         # The tokenizer its checkpoints were trained with (check_resume compares flags and
         # fingerprint); other processes take what process 0 decided and wrote.
         if ckpt_lib.has_checkpoint(workdir) or jax.process_index() != 0:
-            return Tokenizer.load(dest), dest
+            if remote:
+                storage.rmtree(local)
+                storage.copy_tree(dest, local)
+            return Tokenizer.load(local), local
         # No checkpoint used it: a left-over of a run that failed before its first save,
         # possibly built from other flags or a bad corpus. Build it again from these flags.
         logging.warning("%s has no checkpoint yet: rebuilding its tokenizer from the flags", workdir)
-        shutil.rmtree(dest)
+        storage.rmtree(dest)
+    storage.rmtree(local)
     if o.tokenizer:
-        copy_tokenizer_files(o.tokenizer, dest)
-        return Tokenizer.load(dest), dest
-    from bert_jax.data import vocab
-    kind = FAMILY_KIND[variant(o.model.variant).family]
-    logging.info("no --tokenizer: training a %s vocabulary of %d on --corpus", kind, o.tokenizer_vocab_size)
-    return vocab.train(kind, o.corpus, o.tokenizer_vocab_size, dest, lowercase=o.lowercase), dest
+        copy_tokenizer_files(o.tokenizer, local)
+        tok = Tokenizer.load(local)
+    else:
+        from bert_jax.data import vocab
+        kind = FAMILY_KIND[variant(o.model.variant).family]
+        logging.info("no --tokenizer: training a %s vocabulary of %d on --corpus", kind, o.tokenizer_vocab_size)
+        tok = vocab.train(kind, o.corpus, o.tokenizer_vocab_size, local, lowercase=o.lowercase)
+    if remote:
+        storage.copy_tree(local, dest)
+    return tok, local
 
 
 def make_source(o: PretrainOptions, cfg: ModelConfig, tok: Tokenizer, tok_dir, corpus_glob,
@@ -182,7 +193,12 @@ def evaluate(eval_step, params, source: loader.PretrainSource, n_batches: int, b
 
 def run(o: PretrainOptions) -> dict:
     """Pretrain (or resume) in o.workdir, holding the workdir's lock throughout."""
-    workdir = pathlib.Path(o.workdir)
+    workdir = storage.path(o.workdir)  # a local folder or an object-store URI (gs://...)
+    if storage.is_remote(workdir) and not o.cache_dir:
+        raise PretrainError(f"--workdir={o.workdir} is on an object store: give --cache_dir, a local "
+                            "folder for the prepared corpus and the tokenizer's local copy")
+    if o.cache_dir:
+        storage.require_local(o.cache_dir, "--cache_dir", "the prepared corpus is memory-mapped")
     workdir.mkdir(parents=True, exist_ok=True)
     with ckpt_lib.WorkdirLock(workdir, "pretrain"):
         return _run(o, workdir)
@@ -191,15 +207,16 @@ def run(o: PretrainOptions) -> dict:
 def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     mesh = sharding.make_mesh(o.mesh_data, o.mesh_fsdp, o.mesh_tensor)
     train.check_batch(o.batch_size, o.grad_accum, mesh)  # before any tokenizer or cache is built
-    train.use_compilation_cache(o.compilation_cache, workdir)
-    tok, tok_dir = prepare_tokenizer(o, workdir)
+    cache_dir = pathlib.Path(o.cache_dir) if o.cache_dir else workdir / "cache"
+    # Compiled steps are kept locally: beside the corpus when the workdir is on a store.
+    train.use_compilation_cache(o.compilation_cache, cache_dir if storage.is_remote(workdir) else workdir)
+    tok, tok_dir = prepare_tokenizer(o, workdir, cache_dir)
     cfg = model_config(o, tok)
     ckpt_lib.check_same_architecture(workdir, cfg)
     objective = cfg.pretraining_objective
     best_metric = o.best_metric or "mlm_accuracy"
     if best_metric not in objective.logged:
         raise PretrainError(f"--best_metric={best_metric!r}: --objective={objective.name} reports {objective.logged}")
-    cache_dir = pathlib.Path(o.cache_dir) if o.cache_dir else workdir / "cache"
     src = make_source(o, cfg, tok, tok_dir, o.corpus, o.seed, cache_dir, "--corpus")
     held = (make_source(o, cfg, tok, tok_dir, o.heldout_corpus, 12345, cache_dir, "--heldout_corpus")
             if o.heldout_corpus else None)

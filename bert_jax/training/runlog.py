@@ -19,13 +19,13 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import shutil
 import time
 from typing import Callable
 
 import jax
 from absl import logging
 
+from bert_jax import storage
 from bert_jax.errors import BertJaxError
 from bert_jax.training import train
 
@@ -45,7 +45,7 @@ class RunLog:
     def __init__(self, workdir: pathlib.Path, *, total: int, start: int, desc: str, progress_bar: bool,
                  max_nonfinite_streak: int, figures: Callable[[dict], dict] = lambda sums: {}):
         self.chief = jax.process_index() == 0
-        self.path = pathlib.Path(workdir) / METRICS_FILE
+        self.path = storage.path(workdir) / METRICS_FILE
         self.max_streak, self.figures = max_nonfinite_streak, figures
         if self.chief and start:
             keep_until(self.path, start)
@@ -115,9 +115,8 @@ class RunLog:
             self.writer.close()
 
 
-def append(path: pathlib.Path, rec: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+def append(path, rec: dict) -> None:
+    storage.append_line(path, json.dumps(rec))
 
 
 def keep_until(path: pathlib.Path, step: int) -> None:
@@ -159,16 +158,12 @@ class Best:
 
 
 def publish(dest: pathlib.Path, params, write: Callable[[pathlib.Path, dict], None]) -> None:
-    """Replace folder `dest` with what `write(tmp, host_params)` writes: params gathered
+    """Replace folder `dest` with what `write(folder, host_params)` writes: params gathered
     from every process, written by process 0 into dest.tmp, then renamed over dest (a crash
-    leaves the old folder or the new one, never half of one)."""
+    leaves the old folder or the new one, never half of one; on an object store, see
+    storage.replace_tree)."""
     from jax.experimental import multihost_utils
     host = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() != 0:
         return
-    dest = pathlib.Path(dest)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp, host)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    storage.replace_tree(dest, lambda folder: write(folder, host))

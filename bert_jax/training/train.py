@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import pathlib
+import os
 import signal
 from typing import Any, Callable
 
@@ -25,6 +25,7 @@ from absl import logging
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from bert_jax import storage
 from bert_jax.model.config import ConfigError, ModelConfig
 from bert_jax.model.heads import PreTrainingModel, build_model
 from bert_jax.training import sharding
@@ -263,7 +264,12 @@ def use_compilation_cache(setting: str, workdir) -> str | None:
     over a second to compile are stored there, so a restarted run loads them instead."""
     if setting == "off" or (not setting and workdir is None):
         return None
-    path = str(pathlib.Path(setting or pathlib.Path(workdir) / "compilation_cache").absolute())
+    if not setting and storage.is_remote(workdir):
+        logging.info("--workdir=%s is on an object store: no compilation cache unless "
+                     "--compilation_cache names a folder", workdir)
+        return None
+    folder = storage.path(setting) if setting else storage.path(workdir) / "compilation_cache"
+    path = os.fspath(folder if storage.is_remote(folder) else folder.absolute())
     if jax.config.jax_compilation_cache_dir != path:
         from jax._src import compilation_cache
         compilation_cache.reset_cache()  # a process that already used another folder (tests)
@@ -276,7 +282,8 @@ def tensorboard_writer(workdir):
     if jax.process_index() != 0:
         return None
     from tensorboardX import SummaryWriter
-    return SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+    storage.register_tensorboard()
+    return SummaryWriter(os.fspath(storage.path(workdir) / "tensorboard"))
 
 
 def file_fingerprint(paths) -> dict[str, str]:
