@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from bert_jax import paths
+from bert_jax import storage
 from bert_jax.data.tokenizer import copy_files as copy_tokenizer_files
 from bert_jax.errors import BertJaxError
 from bert_jax.interop import rename
@@ -194,13 +195,15 @@ def save_ours(out: str | pathlib.Path, cfg: ModelConfig, task: str, params,
 def load(folder: str | pathlib.Path) -> tuple[ModelConfig, str, Any, pathlib.Path | None]:
     """(config, task, params, tokenizer folder or None) from our folder (pretraining
     workdir or converted) or a transformers folder."""
-    folder = pathlib.Path(folder)
-    if (folder / "checkpoints").is_dir():
+    folder = storage.path(folder)
+    if (folder / "checkpoints").is_dir():  # read by orbax, from a local folder or a store
         cfg, params, _ = checkpoint.load_params(folder)
         task_file = folder / "task.json"
         task = json.loads(task_file.read_text())["task"] if task_file.exists() else "pretraining"
         tok = folder / "tokenizer"
-        return cfg, task, params, tok if tok.is_dir() else None
+        return cfg, task, params, storage.local_folder(tok) if tok.is_dir() else None
+    if storage.is_remote(folder):  # a transformers folder on a store: read from a local copy
+        folder = storage.local_folder(folder)
     cfg, task, params, _ = load_hf(folder)
     has_tok = any((folder / f).exists() for f in ("vocab.txt", "vocab.json", "spiece.model", "tokenizer.json"))
     return cfg, task, params, folder if has_tok else None

@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import json
 import pathlib
-import shutil
+import tempfile
 from typing import Callable
 
 import jax
@@ -29,6 +29,7 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from bert_jax import storage
 from bert_jax.data.tokenizer import Tokenizer
 from bert_jax.errors import BertJaxError
 from bert_jax.interop import convert
@@ -66,6 +67,8 @@ class Inputs:
 def check_input_files(o: FinetuneOptions) -> None:
     """Every input file exists: checked before a checkpoint is loaded."""
     for name, path in [("--train_file", o.train_file)] + [(f"--eval_files={n}", p) for n, p in o.eval_files]:
+        if storage.is_remote(path):
+            raise FinetuneError(f"{name}={path}: task files are read locally; copy it to a local file")
         if not pathlib.Path(path).is_file():
             raise FinetuneError(f"{name}={path}: no such file")
 
@@ -163,7 +166,14 @@ def write_eval(task: Task, folder: pathlib.Path, name: str, res: dict, examples,
     """eval/NAME.json (the metrics) and the predictions beside it."""
     folder.mkdir(exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps(res, indent=1))
-    task.write(task.output_file(folder, name), examples, preds, labels)
+    out = task.output_file(folder, name)
+    if not storage.is_remote(out):
+        task.write(out, examples, preds, labels)
+        return
+    with tempfile.TemporaryDirectory(prefix="bert_jax_eval_") as tmp:  # written locally, uploaded
+        local = pathlib.Path(tmp) / out.name
+        task.write(local, examples, preds, labels)
+        out.write_bytes(local.read_bytes())
 
 
 # ------------------------------------------------------------------ the run ----
@@ -176,7 +186,7 @@ class Finetuner:
             raise FinetuneError(f"--best_metric={o.best_metric!r}: {o.task} reports {self.task.metrics}")
         self.select_on = selection_set(o)
         check_input_files(o)
-        if not pathlib.Path(o.init_checkpoint).is_dir():
+        if not storage.path(o.init_checkpoint).is_dir():
             raise FinetuneError(f"--init_checkpoint={o.init_checkpoint}: no such folder")
         src_cfg, _, src_params, tok_dir = convert.load(o.init_checkpoint)
         if tok_dir is None:
@@ -218,7 +228,7 @@ class Finetuner:
         """Fine-tune and evaluate in o.workdir, holding its lock. A workdir of a finished
         run with the same options returns that run's results; one of another run is
         refused (check_workdir)."""
-        wd = pathlib.Path(self.o.workdir)
+        wd = storage.path(self.o.workdir)  # a local folder or an object-store URI (gs://...)
         wd.mkdir(parents=True, exist_ok=True)
         with checkpoint.WorkdirLock(wd, "finetune"):
             chief = jax.process_index() == 0
@@ -252,7 +262,7 @@ class Finetuner:
 
     def _run(self) -> dict:
         o, task, mesh = self.o, self.task, self.mesh
-        wd = pathlib.Path(o.workdir)
+        wd = storage.path(o.workdir)
         train.use_compilation_cache(o.compilation_cache, wd)
         chief = jax.process_index() == 0
         n = len(self.train["input_ids"])
@@ -409,7 +419,7 @@ def check_workdir(wd: pathlib.Path, o: FinetuneOptions) -> dict | None:
     for name in RUN_OUTPUTS:
         path = wd / name
         if path.is_dir():
-            shutil.rmtree(path)
+            storage.rmtree(path)
         elif path.exists():
             path.unlink()
     record.write_text(json.dumps(new, indent=1))
