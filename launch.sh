@@ -89,11 +89,16 @@ if (( slurm )); then
   [[ $nodes =~ ^[1-9][0-9]*$ ]] || { echo "launch.sh: --nodes=$nodes: a positive number" >&2; exit 2; }
   [[ -z $gpus || $gpus =~ ^[1-9][0-9]*$ ]] || { echo "launch.sh: --gpus_per_node=$gpus: a positive number" >&2; exit 2; }
   # The script lives in the job's output folder (--workdir, else --out), so it is kept with the run.
-  out=""
+  # A workdir on an object store (gs://...) cannot hold them: they go into --cache_dir then.
+  out="" cache=""
   for a in "$@"; do
-    case $a in --workdir=*) out=${a#*=} ;; --out=*) [[ -z $out ]] && out=${a#*=} ;; esac
+    case $a in --workdir=*) out=${a#*=} ;; --out=*) [[ -z $out ]] && out=${a#*=} ;; --cache_dir=*) cache=${a#*=} ;; esac
   done
   [[ -n $out ]] || { echo "launch.sh: --slurm needs the job's --workdir (or --out) to hold the script and logs" >&2; exit 2; }
+  if [[ $out =~ ^[A-Za-z][A-Za-z0-9+.-]*:// ]]; then
+    [[ -n $cache ]] || { echo "launch.sh: --workdir=$out is on an object store: give --cache_dir, a local folder for the sbatch script and logs" >&2; exit 2; }
+    out=$cache
+  fi
   mkdir -p "$out/slurm"
   out=$(cd "$out" && pwd)
   script="$out/slurm/$job.sbatch"
