@@ -100,14 +100,31 @@ def test_ablation_files_parse_and_plan(path, tmp_path, monkeypatch):
     for field in ("Purpose:", "Command:", "Hardware:", "Expected:"):
         assert field in header, f"{path.name}: header lacks {field}"
     monkeypatch.chdir(REPO)  # the files name paths relative to the repo, as launch.sh runs them
-    if "--job=" not in path.read_text():
-        test_pretrain_flag_file_parses_and_validates(path)
+    text = path.read_text()
+    if "--job=" not in text:
+        if "--task=" in text:  # the base of fine-tuning sweeps
+            test_finetune_flag_file_parses(path, monkeypatch)
+        else:
+            test_pretrain_flag_file_parses_and_validates(path)
         return
+    extra = []
+    if "--init_sweep=" in text:  # a pretraining sweep's folder (not in a fresh clone): 3 finished runs
+        init = tmp_path / "init_sweep"
+        (init / "sweep.json").parent.mkdir()
+        (init / "sweep.json").write_text("{}")
+        for seed in range(3):
+            (init / f"objective=mlm,seed={seed}").mkdir()
+            (init / f"objective=mlm,seed={seed}" / sweep.DONE).write_text("{}")
+        extra.append(f"--init_sweep={init}")
     fv = absl_flags.FlagValues()
     flags.define(SweepOptions, fv, required=False)
-    fv([sys.argv[0], f"--flagfile={path}", f"--out={tmp_path / 'sweep'}"])
+    fv([sys.argv[0], f"--flagfile={path}", f"--out={tmp_path / 'sweep'}", *extra])
     o = flags.read(SweepOptions, fv)
     runs, record = sweep.plan(o)
     sizes = [len(v) for _, v in record["grid"]]
-    assert len(runs) == len(o.seeds) * math.prod(sizes) >= 6
-    test_pretrain_flag_file_parses_and_validates(pathlib.Path(o.base))
+    assert len(runs) == len(o.seeds) * math.prod(sizes) >= 3
+    if o.job == "finetune":
+        assert o.init_sweep and {n for n, _ in record["grid"]} >= {"init_checkpoint"}
+        test_finetune_flag_file_parses(pathlib.Path(o.base), monkeypatch)
+    else:
+        test_pretrain_flag_file_parses_and_validates(pathlib.Path(o.base))
