@@ -1,6 +1,7 @@
 """Workdirs, corpora and checkpoints on an object store: a pretraining run whose --workdir,
 --corpus and --heldout_corpus are gs:// URIs equals the same run on local folders, resumes,
-and leaves its files in the store.
+and leaves its files in the store; fine-tuning, held-out evaluation and predict read its
+checkpoints from the store and give the local figures.
 
 There is no bucket here: gs://bucket/ is served by a local folder through etils.epath's test
 backend (epath.testing.mock_epath, the path type the code uses for URIs). A file the code
@@ -21,6 +22,9 @@ from etils import epath
 
 from bert_jax import storage
 from bert_jax.data import cache
+from bert_jax.jobs import heldout
+from bert_jax.jobs.predict import predict
+from bert_jax.options import HeldoutOptions, PredictOptions
 from bert_jax.training import checkpoint, pretraining
 from bert_jax.training.finetuning import FinetuneOptions, Finetuner
 
@@ -108,8 +112,18 @@ def test_pretrain_and_finetune_on_gs_workdirs_equal_the_local_runs(shared_data, 
         _, p_remote, step = checkpoint.load_params(BUCKET + "run")
         assert step == 8
         ft_remote = Finetuner(finetune_options(BUCKET + "run", BUCKET + "ft", train)).run()
+        held = lambda ckpt, text: heldout.evaluate(HeldoutOptions(
+            checkpoint=ckpt, text=text, max_seq_length=32, batch_size=8, batches=2,
+            cache_dir=str(tmp_path / "held_cache")))
+        held_remote = held(BUCKET + "run", BUCKET + "corpus/heldout/*.txt")
+        predict(PredictOptions(BUCKET + "ft/best", str(train), str(tmp_path / "remote.tsv")))
+    held_local = held(str(local_wd), f"{tmp_path}/corpus/heldout/*.txt")
+    figures = lambda r: {k: v for k, v in r.items() if k not in ("checkpoint", "text")}
+    assert figures(held_remote) == figures(held_local) and "mlm_accuracy" in figures(held_local)
     ft_local = Finetuner(finetune_options(local_wd, tmp_path / "ft", train)).run()
     assert ft_remote["eval"] == ft_local["eval"] and ft_remote["final_train_loss"] == ft_local["final_train_loss"]
+    predict(PredictOptions(str(tmp_path / "ft/best"), str(train), str(tmp_path / "local.tsv")))
+    assert (tmp_path / "remote.tsv").read_text() == (tmp_path / "local.tsv").read_text()
     for name in ("eval/train.json", "eval/train.predictions.tsv"):
         assert (root / "ft" / name).read_bytes() == (tmp_path / "ft" / name).read_bytes(), name
     for name in ("results.json", "run.json", "metrics.jsonl", "best/task.json", "best/config.json"):

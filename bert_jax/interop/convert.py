@@ -212,7 +212,7 @@ def load(folder: str | pathlib.Path) -> tuple[ModelConfig, str, Any, pathlib.Pat
 def read_labels(folder: str | pathlib.Path) -> list[str] | None:
     """The label names in id order: our labels.json, or a transformers config's id2label
     (None when the folder has neither, or only transformers' LABEL_i placeholders)."""
-    folder = pathlib.Path(folder)
+    folder = storage.path(folder)
     if (folder / LABELS_FILE).exists():
         labels = json.loads((folder / LABELS_FILE).read_text())
         return [str(x) for x in labels] or None

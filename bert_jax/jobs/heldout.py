@@ -42,7 +42,8 @@ def evaluate(o: HeldoutOptions) -> dict:
     from bert_jax.interop import convert
     from bert_jax.model import objectives
     from bert_jax.model.heads import PreTrainingModel
-    if not pathlib.Path(o.checkpoint).is_dir():
+    from bert_jax import storage
+    if not storage.path(o.checkpoint).is_dir():  # a local folder or a URI (gs://...)
         raise HeldoutError(f"--checkpoint={o.checkpoint}: no such folder")
     cfg, task, params, tok_dir = convert.load(o.checkpoint)
     if task != "pretraining":
@@ -52,7 +53,8 @@ def evaluate(o: HeldoutOptions) -> dict:
     cfg.check_sequence_length(o.max_seq_length)
     tok = Tokenizer.load(tok_dir)
     files = corpus.expand(o.text, "--text")
-    cache_dir = pathlib.Path(o.cache_dir or tempfile.mkdtemp(prefix="heldout_cache_"))
+    cache_dir = storage.require_local(o.cache_dir or tempfile.mkdtemp(prefix="heldout_cache_"), "--cache_dir",
+                                      "the prepared text is memory-mapped")
     tc = cache.build(files, tok, tok_dir, cache_dir, o.document_boundary, workers=1)
     if tc.num_documents < 2:  # NSP draws its random segments from other documents
         tc = cache.build(files, tok, tok_dir, cache_dir, "blank_line", workers=1)

@@ -26,6 +26,7 @@ import tempfile
 
 import jax
 
+from bert_jax import storage
 from bert_jax.data.tasks import TaskDataError
 from bert_jax.data.tokenizer import Tokenizer
 from bert_jax.errors import BertJaxError
@@ -56,7 +57,7 @@ def task_options(folder: pathlib.Path, o: PredictOptions) -> FinetuneOptions:
 
 
 def predict(o: PredictOptions) -> dict:
-    folder = pathlib.Path(o.checkpoint)
+    folder = storage.path(o.checkpoint)  # a local folder or a URI (gs://...)
     if not folder.is_dir():
         raise PredictError(f"--checkpoint={folder}: no such folder")
     fo = task_options(folder, o)
