@@ -88,7 +88,8 @@ def require_local(p, flag: str, why: str) -> pathlib.Path:
 
 
 def append_line(p, line: str) -> None:
-    """Append one line to a text file; on an object store (no append) the object is rewritten."""
+    """Append one line to a text file; on an object store (no append) the object is
+    rewritten (a writer of many lines keeps them and rewrites now and then: runlog.RunLog)."""
     p = path(p)
     if not is_remote(p):
         with open(p, "a") as f:

@@ -25,7 +25,7 @@ from bert_jax.data import cache
 from bert_jax.jobs import heldout
 from bert_jax.jobs.predict import predict
 from bert_jax.options import HeldoutOptions, PredictOptions
-from bert_jax.training import checkpoint, pretraining
+from bert_jax.training import checkpoint, pretraining, runlog
 from bert_jax.training.finetuning import FinetuneOptions, Finetuner
 
 from test_pretrain import REPO, assert_same_params, losses, options, tokenizer_dir
@@ -44,6 +44,10 @@ def fake_bucket(root: pathlib.Path, monkeypatch):
     def mapped(orig, p, *args, **kwargs):
         return orig(local(p), *[local(a) if isinstance(a, (str, os.PathLike)) else a for a in args], **kwargs)
 
+    def opened(orig, p, mode="r", *args, **kwargs):
+        writes.append(os.fspath(p)) if "w" in mode or "a" in mode else None
+        return mapped(orig, p, mode, *args, **kwargs)
+
     def glob(orig, p):  # answers name the store when the question did
         on_store = os.fspath(p).startswith(BUCKET)
         return [remote(h) if on_store else h for h in orig(local(p))]
@@ -53,7 +57,7 @@ def fake_bucket(root: pathlib.Path, monkeypatch):
         for top, dirs, files in orig(local(p), **kwargs):
             yield (remote(os.fspath(top)) if on_store else top), dirs, files
 
-    fns = {k: mapped for k in ("open", "copy", "rename", "replace", "exists", "isdir", "listdir",
+    fns = {k: mapped for k in ("copy", "rename", "replace", "exists", "isdir", "listdir",
                                "makedirs", "mkdir", "remove", "rmtree", "stat")}
     given = []
     manager = checkpoint.ocp.CheckpointManager
@@ -64,8 +68,9 @@ def fake_bucket(root: pathlib.Path, monkeypatch):
 
     monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", manager_on_served_folder)
     monkeypatch.setattr(cache.os, "cpu_count", lambda: 1)  # spawned workers would not see the fake
-    with epath.testing.mock_epath(glob=glob, walk=walk, **fns):
-        yield given
+    writes = []
+    with epath.testing.mock_epath(open=opened, glob=glob, walk=walk, **fns):
+        yield given, writes
 
 
 def finetune_options(init, workdir, train) -> FinetuneOptions:
@@ -101,7 +106,8 @@ def test_pretrain_and_finetune_on_gs_workdirs_equal_the_local_runs(shared_data, 
 
     remote = (*common, f"--corpus={BUCKET}corpus/train/*.txt", f"--heldout_corpus={BUCKET}corpus/heldout/*.txt",
               f"--cache_dir={tmp_path}/cache")
-    with fake_bucket(root, monkeypatch) as given:
+    monkeypatch.setattr(runlog, "REWRITE_S", 1e9)  # so the count below does not depend on speed
+    with fake_bucket(root, monkeypatch) as (given, writes):
         first = pretraining.run(options(BUCKET + "run", *remote, "--stop_at_step=4"))
         assert first["step"] == 4 and first["workdir"] == BUCKET + "run"
         assert first["checkpoint"] == BUCKET + "run/checkpoints/4"
@@ -132,6 +138,9 @@ def test_pretrain_and_finetune_on_gs_workdirs_equal_the_local_runs(shared_data, 
     assert losses(run) == losses(local_wd) and sorted(losses(run)) == list(range(1, 9))
     evals = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "eval_" in l]
     assert [e["step"] for e in evals] == [4, 8]
+    # no append on a store: metrics.jsonl (10 lines) was rewritten at each evaluation and close
+    # of the two runs, and once when the resumed run cut the lines after its checkpoint
+    assert writes.count(BUCKET + "run/metrics.jsonl") == 5
     _, p_local, _ = checkpoint.load_params(local_wd)
     assert_same_params(p_remote, p_local)
     for name in ("config.json", "manifest.json", "flags.txt", "tokenizer/vocab.txt", "best/config.json",

@@ -30,6 +30,7 @@ from bert_jax.errors import BertJaxError
 from bert_jax.training import train
 
 METRICS_FILE = "metrics.jsonl"
+REWRITE_S = 30.0  # metrics.jsonl on an object store: rewritten at most this often (and at evals, close)
 
 
 class NonFiniteError(BertJaxError, RuntimeError):
@@ -55,6 +56,13 @@ class RunLog:
             self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", mininterval=1.0)
         self.writer = train.tensorboard_writer(workdir)
         self.acc, self.host, self.t_last = None, None, time.perf_counter()
+        # An object store has no append: the lines are kept here and the object rewritten at
+        # most every REWRITE_S seconds, at each evaluation and at close (not per line, which
+        # would upload O(lines^2) bytes over a run).
+        self.lines = None
+        if self.chief and storage.is_remote(self.path):
+            self.lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+        self.rewritten = time.monotonic()
 
     def add(self, metrics: dict, nonfinite_streak) -> None:
         """One step's metrics, summed on the device (no host copy)."""
@@ -101,14 +109,25 @@ class RunLog:
     def _write(self, rec: dict, group: str) -> None:
         if not self.chief:
             return
-        append(self.path, rec)
+        if self.lines is None:
+            append(self.path, rec)
+        else:
+            self.lines.append(json.dumps(rec) + "\n")
+            if group == "eval" or time.monotonic() - self.rewritten > REWRITE_S:
+                self._rewrite()
         if self.writer is not None:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)):
                     tag = f"train/{k}" if group == "train" else "eval/" + k[len("eval_"):].replace("_", "/", 1)
                     self.writer.add_scalar(tag, v, rec["step"])
 
+    def _rewrite(self) -> None:
+        self.path.write_text("".join(self.lines))
+        self.rewritten = time.monotonic()
+
     def close(self) -> None:
+        if self.lines is not None:
+            self._rewrite()
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
