@@ -4,8 +4,8 @@
 orbax itself uses, so checkpoints go to the store directly) and a `pathlib.Path` for a local
 path; both have the pathlib API, so code that reads and writes through `path(...)` works on
 either. Where a store needs more than that API, the helpers here do it:
-- object stores have no append and no rename of folders: `append_line` rewrites the object,
-  `replace_tree` uploads a folder written locally;
+- object stores have no append and no rename of folders: a writer of lines keeps them and
+  rewrites the object (runlog.RunLog); `replace_tree` uploads a folder written locally;
 - libraries that need real files (the tokenizers library, memory-mapped corpus arrays) get a
   local copy (`copy_tree` into a local folder) or a clear error naming the flag
   (`require_local`).
@@ -85,18 +85,6 @@ def require_local(p, flag: str, why: str) -> pathlib.Path:
         raise StorageError(f"{flag}={p}: {why}, so it must be a local folder (the workdir and the "
                            "corpus may be on an object store)")
     return pathlib.Path(p)
-
-
-def append_line(p, line: str) -> None:
-    """Append one line to a text file; on an object store (no append) the object is
-    rewritten (a writer of many lines keeps them and rewrites now and then: runlog.RunLog)."""
-    p = path(p)
-    if not is_remote(p):
-        with open(p, "a") as f:
-            f.write(line + "\n")
-        return
-    old = p.read_text() if p.exists() else ""
-    p.write_text(old + line + "\n")
 
 
 def rmtree(p) -> None:
