@@ -251,6 +251,8 @@ class FinetuneOptions(RunOptions):
     REQUIRED: ClassVar[tuple[str, ...]] = ("task", "init_checkpoint", "train_file", "workdir")
     task: str | None = option(None, "Task type.", choices=FINETUNE_TASKS)
     init_checkpoint: str | None = option(None, "Our checkpoint folder or a Hugging Face folder.")
+    from_scratch: bool = option(False, "Take only the architecture and tokenizer of --init_checkpoint; "
+                                "the backbone starts from a seeded random init (the no-pretraining baseline).")
     train_file: str | None = option(None, "Training file (TSV/CSV/JSONL, CoNLL, or SQuAD JSON).")
     workdir: str | None = option(None, "Output folder; a rerun of the same run resumes there. A local "
                                      "folder or an object-store URI (gs://bucket/run).")

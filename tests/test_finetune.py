@@ -106,6 +106,28 @@ def test_checkpoint_mismatch_names_the_param(shared_data, tiny_checkpoint, tmp_p
                                   workdir=str(tmp_path / "wd")))
 
 
+def test_from_scratch_takes_the_architecture_and_tokenizer_but_no_weights(shared_data, tiny_checkpoint, tmp_path):
+    """The no-pretraining baseline of a downstream study: --from_scratch keeps the checkpoint's
+    config and tokenizer and starts every backbone param from the seeded init, the same init
+    the task params get; without it every backbone param is the checkpoint's."""
+    _, _, src, _ = convert.load(tiny_checkpoint)
+    train = head(shared_data / "classification/sst2/train.tsv", 8, tmp_path, "s.tsv")
+    make = lambda scratch, seed: Finetuner(FinetuneOptions(
+        task="classification", init_checkpoint=str(tiny_checkpoint), train_file=str(train),
+        workdir=str(tmp_path / "wd"), from_scratch=scratch, seed=seed))
+    leaves = lambda tree: jax.tree.leaves(tree)
+    loaded, scratch, scratch_again, other = make(False, 1), make(True, 1), make(True, 2), make(True, 1)
+    fresh = nn.unbox(init_params(scratch.cfg, scratch.mtask, jax.random.key(1)))
+    assert all((a == b).all() for a, b in zip(leaves(loaded.params["backbone"]), leaves(src["backbone"])))
+    assert all((a == b).all() for a, b in zip(leaves(scratch.params), leaves(fresh)))
+    assert not any((a == b).all() for a, b in zip(leaves(scratch.params["backbone"]), leaves(src["backbone"]))
+                   if b.std() > 0)   # every random param is new (biases and LayerNorms start constant)
+    word = lambda f: f.params["backbone"]["embeddings"]["word_embeddings"]
+    assert not (word(scratch_again) == word(scratch)).any()   # the seed is used
+    assert all((a == b).all() for a, b in zip(leaves(other.params), leaves(scratch.params)))
+    assert scratch.cfg == loaded.cfg and scratch.tok_dir == loaded.tok_dir
+
+
 def test_unknown_best_metric_is_named(tiny_checkpoint, tmp_path):
     with pytest.raises(FinetuneError, match=r"--best_metric='pearson': classification reports"):
         Finetuner(FinetuneOptions(task="classification", init_checkpoint=str(tiny_checkpoint),

@@ -202,7 +202,12 @@ class Finetuner:
         self.mtask = self.task.model_task
         self.model = build_model(self.cfg, self.mtask)
         fresh = nn.unbox(init_params(self.cfg, self.mtask, jax.random.key(o.seed)))
-        self.params = jax.tree.map(np.asarray, load_backbone(fresh, src_params, o.init_checkpoint))
+        if o.from_scratch:
+            logging.warning("--from_scratch: the backbone of %s is not loaded; it starts from a random "
+                            "init (seed %d)", o.init_checkpoint, o.seed)
+        else:
+            fresh = load_backbone(fresh, src_params, o.init_checkpoint)
+        self.params = jax.tree.map(np.asarray, fresh)
         self.mesh = sharding.make_mesh(o.mesh_data, o.mesh_fsdp, o.mesh_tensor)
         train.check_batch(o.batch_size, 1, self.mesh)
         self.tx = optim.make(self.optim_config())
