@@ -87,6 +87,12 @@ def test_split_tool(shared_data, tmp_path):
     assert not titles(tmp_path / "s/train.json") & titles(tmp_path / "s/dev.json")
 
 
+def expanded(path: pathlib.Path) -> str:
+    """A flag file's text with the flag files it names (--flagfile=, relative to the repo) inlined."""
+    return "\n".join(expanded(REPO / l.split("=", 1)[1]) if l.startswith("--flagfile=") else l
+                     for l in path.read_text().splitlines())
+
+
 ABLATION_FILES = sorted((REPO / "experiments" / "ablations").glob("*.flags"))
 
 
@@ -102,7 +108,7 @@ def test_ablation_files_parse_and_plan(path, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the files name paths relative to the repo, as launch.sh runs them
     text = path.read_text()
     if "--job=" not in text:
-        if "--task=" in text:  # the base of fine-tuning sweeps
+        if "--task=" in expanded(path):  # the base of fine-tuning sweeps
             test_finetune_flag_file_parses(path, monkeypatch)
         else:
             test_pretrain_flag_file_parses_and_validates(path)
@@ -123,8 +129,9 @@ def test_ablation_files_parse_and_plan(path, tmp_path, monkeypatch):
     runs, record = sweep.plan(o)
     sizes = [len(v) for _, v in record["grid"]]
     assert len(runs) == len(o.seeds) * math.prod(sizes) >= 3
-    if o.job == "finetune":
-        assert o.init_sweep and {n for n, _ in record["grid"]} >= {"init_checkpoint"}
+    if o.job == "finetune":  # every run has a model to start from
+        assert ({n for n, _ in record["grid"]} >= {"init_checkpoint"} if o.init_sweep
+                else "--init_checkpoint=" in expanded(pathlib.Path(o.base)))
         test_finetune_flag_file_parses(pathlib.Path(o.base), monkeypatch)
     else:
         test_pretrain_flag_file_parses_and_validates(pathlib.Path(o.base))
