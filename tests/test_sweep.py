@@ -86,3 +86,15 @@ def test_a_sweep_folder_of_another_base_is_refused(tmp_path):
                                                         base_sha256="0" * 64)))
     with pytest.raises(sweep_lib.SweepError, match="holds a sweep of pretrain on .*tiny.flags"):
         sweep_lib.plan(SweepOptions(job="pretrain", base=str(other), out=str(out)))
+
+
+def test_a_sweep_folder_in_use_is_refused_before_any_run(tmp_path):
+    """Two sweeps on one folder would start the same runs and mark each other's failed."""
+    from bert_jax.training import checkpoint
+    out = tmp_path / "s"
+    o = SweepOptions(job="pretrain", base=str(TINY), grid="hidden_size=32,48", out=str(out))
+    with checkpoint.WorkdirLock(out, "sweep", flag="--out"):
+        with pytest.raises(checkpoint.CheckpointError, match=r"--out=.*/s is in use by sweep \(pid \d+"):
+            sweep_lib.sweep(o)
+    assert [p.name for p in out.iterdir()] == [".lock"]  # no record, no run folder
+    assert len(sweep_lib.plan(o)[0]) == 2  # the lock a stopped sweep leaves does not block the next

@@ -36,6 +36,7 @@ from absl import flags as absl_flags
 from bert_jax import flags
 from bert_jax.errors import BertJaxError
 from bert_jax.options import FinetuneOptions, PretrainOptions, SweepOptions
+from bert_jax.training import checkpoint
 
 JOB_OPTIONS = {"pretrain": PretrainOptions, "finetune": FinetuneOptions}
 RECORD, DONE, FAILED, LOG = "sweep.json", "sweep_done.json", "sweep_failed.json", "sweep.log"
@@ -123,7 +124,7 @@ def plan(o: SweepOptions) -> tuple[list[Run], dict]:
             raise SweepError(f"--out={out} holds a sweep of {prev.get('job')} on {prev.get('base')} "
                              f"(sha256 {str(prev.get('base_sha256'))[:12]}); this one is {o.job} on {record['base']} "
                              f"(sha256 {record['base_sha256'][:12]}): use another --out")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != ".lock" for p in out.iterdir()):  # the lock of a sweep that stopped
         raise SweepError(f"--out={out} is not empty and holds no {RECORD}: use another --out")
     return runs, record
 
@@ -147,7 +148,13 @@ def execute(run: Run, job: str, base: str) -> tuple[Run, int, float]:
 def sweep(o: SweepOptions) -> dict:
     runs, record = plan(o)
     out = pathlib.Path(o.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # A second sweep on the same folder would start the same unfinished runs: each would
+    # find the other's workdir locked and mark it failed. One sweep per folder at a time.
+    with checkpoint.WorkdirLock(out, "sweep", flag="--out"):
+        return _sweep(o, runs, record, out)
+
+
+def _sweep(o: SweepOptions, runs: list[Run], record: dict, out: pathlib.Path) -> dict:
     (out / RECORD).write_text(json.dumps(record, indent=1))
     todo = [r for r in runs if not (r.workdir / DONE).exists()]
     print(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} already finished), {o.parallel} at a time", flush=True)

@@ -61,16 +61,16 @@ class WorkdirLock:
     with an error naming the holder. The kernel drops the lock when its process dies, so a
     killed run never leaves a stale lock behind."""
 
-    def __init__(self, workdir: pathlib.Path, job: str):
-        self.path, self.job, self._f = storage.path(workdir) / ".lock", job, None
+    def __init__(self, workdir: pathlib.Path, job: str, flag: str = "--workdir"):
+        self.path, self.job, self.flag, self._f = storage.path(workdir) / ".lock", job, flag, None
 
     def __enter__(self):
         if jax.process_index() != 0:
             return self
         if storage.is_remote(self.path):
             from absl import logging
-            logging.warning("--workdir=%s is on an object store, which has no file locks: nothing "
-                            "stops a second job from using it at the same time", self.path.parent)
+            logging.warning("%s=%s is on an object store, which has no file locks: nothing "
+                            "stops a second job from using it at the same time", self.flag, self.path.parent)
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
@@ -80,8 +80,8 @@ class WorkdirLock:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
-            raise CheckpointError(f"--workdir={self.path.parent} is in use by {holder}; wait for it to "
-                                  "finish, or use another --workdir") from None
+            raise CheckpointError(f"{self.flag}={self.path.parent} is in use by {holder}; wait for it to "
+                                  f"finish, or use another {self.flag}") from None
         f.seek(0)
         f.truncate()
         f.write(f"{self.job} (pid {os.getpid()} on {socket.gethostname()}, since "
