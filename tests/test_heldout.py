@@ -49,6 +49,16 @@ def test_same_figures_twice_and_through_hugging_face(pretrained, tmp_path):
     assert score(pretrained, tmp_path, seed=1)["mlm_loss"] != a["mlm_loss"]
 
 
+def test_without_cache_dir_the_prepared_text_is_removed(pretrained, tmp_path, monkeypatch):
+    """A job run again and again must not fill the temporary folder."""
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    a = heldout.evaluate(HeldoutOptions(checkpoint=str(pretrained), text=HELD, max_seq_length=32,
+                                        batch_size=8, batches=3))
+    assert a == score(pretrained, tmp_path)  # the same figures as with a kept --cache_dir
+    assert not list(tmp_path.glob("heldout_cache_*"))
+
+
 def test_a_model_without_mlm_head_is_refused(tiny_checkpoint, tmp_path):
     cfg, _, params, tok = convert.load(tiny_checkpoint)
     from bert_jax.model.heads import init_params

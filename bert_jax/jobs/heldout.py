@@ -17,6 +17,7 @@ reports the MLM figures only. Works on our folders and on Hugging Face folders a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import tempfile
@@ -37,6 +38,9 @@ class HeldoutError(BertJaxError, ValueError):
 
 
 def evaluate(o: HeldoutOptions) -> dict:
+    if o.cache_dir is None:  # the prepared text lives as long as the evaluation, then goes
+        with tempfile.TemporaryDirectory(prefix="heldout_cache_") as d:
+            return evaluate(dataclasses.replace(o, cache_dir=d))
     from bert_jax.data import cache, corpus, instances, loader, masking
     from bert_jax.data.tokenizer import Tokenizer
     from bert_jax.interop import convert
@@ -53,8 +57,7 @@ def evaluate(o: HeldoutOptions) -> dict:
     cfg.check_sequence_length(o.max_seq_length)
     tok = Tokenizer.load(tok_dir)
     files = corpus.expand(o.text, "--text")
-    cache_dir = storage.require_local(o.cache_dir or tempfile.mkdtemp(prefix="heldout_cache_"), "--cache_dir",
-                                      "the prepared text is memory-mapped")
+    cache_dir = storage.require_local(o.cache_dir, "--cache_dir", "the prepared text is memory-mapped")
     tc = cache.build(files, tok, tok_dir, cache_dir, o.document_boundary, workers=1)
     if tc.num_documents < 2:  # NSP draws its random segments from other documents
         tc = cache.build(files, tok, tok_dir, cache_dir, "blank_line", workers=1)
