@@ -324,7 +324,8 @@ class HeldoutOptions:
                        "(with the same tokenizer they see the same masks).")
     document_boundary: str = option("file", "What separates documents (NSP draws from other documents).",
                                     choices=("file", "blank_line"))
-    cache_dir: str | None = option(None, "Tokenized-text cache, kept for the next run (default: a temporary folder, removed at the end).")
+    cache_dir: str | None = option(None, "Tokenized-text cache, kept for the next run (default: a "
+                                   "temporary folder, removed at the end).")
 
 
 # --------------------------------------------------------------------- encode ----
