@@ -98,3 +98,26 @@ def test_a_sweep_folder_in_use_is_refused_before_any_run(tmp_path):
             sweep_lib.sweep(o)
     assert [p.name for p in out.iterdir()] == [".lock"]  # no record, no run folder
     assert len(sweep_lib.plan(o)[0]) == 2  # the lock a stopped sweep leaves does not block the next
+
+
+def test_a_finetuning_sweep_is_grouped_by_the_whole_pretraining_configuration(tmp_path):
+    """Fine-tuning runs from a two-flag pretraining sweep (E x sharing, 2 pretraining seeds):
+    one row per pretraining configuration, both flags kept (the report once grouped on the
+    first flag alone and averaged shared with unshared models)."""
+    from bert_jax.jobs import report
+    runs = tmp_path / "ft"
+    inits = [f"pre/embedding_size={e},share_scope={s},seed={k}/best" for e in (128, 256)
+             for s in ("all", "none") for k in (0, 1)]
+    runs.mkdir()
+    (runs / sweep_lib.RECORD).write_text(json.dumps(dict(job="finetune", grid=[["init_checkpoint", inits]])))
+    for i, init in enumerate(inits):
+        d = runs / ("init=" + init.split("/")[1] + ",seed=0")
+        d.mkdir()
+        (d / "metrics.jsonl").write_text(json.dumps(dict(step=10, loss=0.5)) + "\n")
+        (d / "results.json").write_text(json.dumps(dict(eval=dict(dev=dict(accuracy=i / 10)))))
+        (d / sweep_lib.DONE).write_text(json.dumps(dict(values=dict(init_checkpoint=init, seed="0"))))
+    table = report.sweep_report(runs, report.report(runs, tmp_path / "out"), tmp_path / "out")
+    got = {r["init"]: (r["seeds"], round(r["dev_accuracy"], 6)) for r in table}
+    assert got == {"embedding_size=128,share_scope=all": (2, 0.05), "embedding_size=128,share_scope=none": (2, 0.25),
+                   "embedding_size=256,share_scope=all": (2, 0.45), "embedding_size=256,share_scope=none": (2, 0.65)}
+    assert "| embedding_size=256,share_scope=none | 2 |" in (tmp_path / "out/sweep.md").read_text()

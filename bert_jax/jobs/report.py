@@ -176,6 +176,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, sd
 
 
+def init_config(path: str) -> str:
+    """The configuration of the pretraining run a fine-tuning run started from: the name of
+    its folder (a sweep names runs flag=value,...,seed=N) without the seed, so the
+    pretraining seeds of one configuration are one group."""
+    p = pathlib.PurePath(path)
+    name = p.parent.name if p.name == "best" else p.name
+    return ",".join(x for x in name.split(",") if not x.startswith("seed=")) or name
+
+
 def sweep_report(runs: pathlib.Path, rows: list[dict], out: pathlib.Path) -> list[dict]:
     """One row per configuration of the sweep in `runs` (see the module docstring)."""
     record = json.loads((runs / "sweep.json").read_text())
@@ -186,7 +195,8 @@ def sweep_report(runs: pathlib.Path, rows: list[dict], out: pathlib.Path) -> lis
         done = d / "sweep_done.json"
         if not done.exists() or d.name not in by_run:
             continue
-        values = dict(p.split("=", 1) for p in d.name.split(","))
+        values = json.loads(done.read_text())["values"]
+        values["init"] = init_config(values.get("init_checkpoint", ""))
         row = dict(by_run[d.name], params=param_count(d))
         row["tokens_seen"] = tokens_seen(d, row["steps"])
         groups.setdefault(tuple(values.get(k, "") for k in varied), []).append(row)
