@@ -93,11 +93,24 @@ def test_a_sweep_folder_in_use_is_refused_before_any_run(tmp_path):
     from bert_jax.training import checkpoint
     out = tmp_path / "s"
     o = SweepOptions(job="pretrain", base=str(TINY), grid="hidden_size=32,48", out=str(out))
-    with checkpoint.WorkdirLock(out, "sweep", flag="--out"):
+    with checkpoint.WorkdirLock(out, "sweep", flag="--out", chief=True):
         with pytest.raises(checkpoint.CheckpointError, match=r"--out=.*/s is in use by sweep \(pid \d+"):
             sweep_lib.sweep(o)
     assert [p.name for p in out.iterdir()] == [".lock"]  # no record, no run folder
     assert len(sweep_lib.plan(o)[0]) == 2  # the lock a stopped sweep leaves does not block the next
+
+
+def test_the_launcher_starts_no_jax_backend(tmp_path):
+    """The sweep process only launches runs: a JAX backend in it would hold the GPU memory
+    its runs need (JAX preallocates most of a GPU's memory per process)."""
+    code = ("import sys; from jax._src import xla_bridge; from bert_jax.jobs import sweep; "
+            "from bert_jax.options import SweepOptions; "
+            f"sweep.sweep(SweepOptions(job='pretrain', base={str(TINY)!r}, grid='hidden_size=30', out={str(tmp_path / 's')!r})); "
+            "print('backend', xla_bridge.backends_are_initialized())")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.stdout.strip().splitlines()[-1] == "backend False", p.stdout[-2000:] + p.stderr[-2000:]
+    assert (tmp_path / "s/hidden_size=30,seed=0" / sweep_lib.FAILED).exists()  # the run itself did run
 
 
 def test_a_finetuning_sweep_is_grouped_by_the_whole_pretraining_configuration(tmp_path):

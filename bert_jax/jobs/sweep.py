@@ -150,7 +150,9 @@ def sweep(o: SweepOptions) -> dict:
     out = pathlib.Path(o.out)
     # A second sweep on the same folder would start the same unfinished runs: each would
     # find the other's workdir locked and mark it failed. One sweep per folder at a time.
-    with checkpoint.WorkdirLock(out, "sweep", flag="--out"):
+    # (chief=True: asking JAX for the process index would start a backend here, which on a
+    # GPU would take the memory the runs need.)
+    with checkpoint.WorkdirLock(out, "sweep", flag="--out", chief=True):
         return _sweep(o, runs, record, out)
 
 

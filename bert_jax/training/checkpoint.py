@@ -61,11 +61,14 @@ class WorkdirLock:
     with an error naming the holder. The kernel drops the lock when its process dies, so a
     killed run never leaves a stale lock behind."""
 
-    def __init__(self, workdir: pathlib.Path, job: str, flag: str = "--workdir"):
+    def __init__(self, workdir: pathlib.Path, job: str, flag: str = "--workdir", chief: bool | None = None):
+        """`chief`: whether this process takes the lock (default: jax process 0; a process
+        that must not start a JAX backend, such as the sweep launcher, says True)."""
         self.path, self.job, self.flag, self._f = storage.path(workdir) / ".lock", job, flag, None
+        self.chief = chief
 
     def __enter__(self):
-        if jax.process_index() != 0:
+        if not (self.chief if self.chief is not None else jax.process_index() == 0):
             return self
         if storage.is_remote(self.path):
             from absl import logging
