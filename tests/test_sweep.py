@@ -105,7 +105,8 @@ def test_the_launcher_starts_no_jax_backend(tmp_path):
     its runs need (JAX preallocates most of a GPU's memory per process)."""
     code = ("import sys; from jax._src import xla_bridge; from bert_jax.jobs import sweep; "
             "from bert_jax.options import SweepOptions; "
-            f"sweep.sweep(SweepOptions(job='pretrain', base={str(TINY)!r}, grid='hidden_size=30', out={str(tmp_path / 's')!r})); "
+            f"sweep.sweep(SweepOptions(job='pretrain', base={str(TINY)!r}, grid='hidden_size=30', "
+            f"out={str(tmp_path / 's')!r})); "
             "print('backend', xla_bridge.backends_are_initialized())")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
