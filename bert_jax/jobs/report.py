@@ -196,7 +196,8 @@ def sweep_report(runs: pathlib.Path, rows: list[dict], out: pathlib.Path) -> lis
         if not done.exists() or d.name not in by_run:
             continue
         values = json.loads(done.read_text())["values"]
-        values["init"] = init_config(values.get("init_checkpoint", ""))
+        if "init_checkpoint" in values:
+            values["init"] = init_config(values["init_checkpoint"])
         row = dict(by_run[d.name], params=param_count(d))
         row["tokens_seen"] = tokens_seen(d, row["steps"])
         groups.setdefault(tuple(values.get(k, "") for k in varied), []).append(row)

@@ -36,7 +36,6 @@ from absl import flags as absl_flags
 from bert_jax import flags
 from bert_jax.errors import BertJaxError
 from bert_jax.options import FinetuneOptions, PretrainOptions, SweepOptions
-from bert_jax.training import checkpoint
 
 JOB_OPTIONS = {"pretrain": PretrainOptions, "finetune": FinetuneOptions}
 RECORD, DONE, FAILED, LOG = "sweep.json", "sweep_done.json", "sweep_failed.json", "sweep.log"
@@ -146,6 +145,7 @@ def execute(run: Run, job: str, base: str) -> tuple[Run, int, float]:
 
 
 def sweep(o: SweepOptions) -> dict:
+    from bert_jax.training import checkpoint  # the lock; imported here, not by plan()'s users (jax, orbax)
     runs, record = plan(o)
     out = pathlib.Path(o.out)
     # A second sweep on the same folder would start the same unfinished runs: each would
