@@ -8,9 +8,13 @@ the dataclass; flag files stay the experiment record. Library code takes these d
 and never imports the flag layer. This module imports nothing else of bert_jax.
 
 Field metadata (see `option`): help, choices, lower/upper bounds, `flag` (the flag's
-name when it differs from the field's; None: not a flag, set by the job), and `parse`
-(how a list flag's items become the field's value). `REQUIRED` names the flags a job
-cannot run without.
+name when it differs from the field's; None: not a flag, set by the job), `parse` (how a
+list flag's items become the field's value) and `resume`: whether the option may differ
+when a run resumes on its workdir (`resume_rules`): SAME (the default: a difference is
+another run, refused by name), MAY_CHANGE (how a run is observed, checkpointed, stopped
+or laid out on devices, not what it computes) or PHASE (pretraining: may change when the
+run moves to a new --phase, e.g. BERT's sequence length 128 -> 512). `REQUIRED` names the
+flags a job cannot run without.
 """
 
 from __future__ import annotations
@@ -19,15 +23,17 @@ import dataclasses
 from typing import Any, Callable, ClassVar
 
 NOT_A_FLAG = None
+# How an option may differ when a run resumes (the `resume` metadata of `option`).
+SAME, MAY_CHANGE, PHASE = "same", "may_change", "phase"
 
 
 def option(default: Any, help: str, *, choices=None, lower=None, upper=None, flag: str | None = "",
-           parse: Callable | None = None):
+           parse: Callable | None = None, resume: str = SAME):
     """A dataclass field that is also a flag (named `flag`, default: the field's name; None:
-    no flag)."""
+    no flag). `resume`: SAME, MAY_CHANGE or PHASE (see the module docstring)."""
     return dataclasses.field(default=default, metadata=dict(
         help=help, choices=tuple(choices) if choices else None, lower=lower, upper=upper, flag=flag,
-        parse=parse))
+        parse=parse, resume=resume))
 
 
 def internal(default: Any, why: str):
@@ -48,23 +54,24 @@ def _name_eq_path(items) -> tuple[tuple[str, str], ...]:
 # --------------------------------------------------------------------- shared ----
 @dataclasses.dataclass(frozen=True)
 class DistributedOptions:
-    coordinator_address: str | None = option(None, "host:port of process 0 (multi-host).")
-    num_processes: int | None = option(None, "Number of processes (multi-host).")
-    process_id: int | None = option(None, "This process's index (multi-host).")
+    coordinator_address: str | None = option(None, "host:port of process 0 (multi-host).", resume=MAY_CHANGE)
+    num_processes: int | None = option(None, "Number of processes (multi-host).", resume=MAY_CHANGE)
+    process_id: int | None = option(None, "This process's index (multi-host).", resume=MAY_CHANGE)
     heartbeat_timeout: int = option(
         30, "Multi-process: seconds without a heartbeat after which the other processes count a "
-        "process as lost and exit with an error (a dead peer would otherwise hang collectives).", lower=5)
+        "process as lost and exit with an error (a dead peer would otherwise hang collectives).", lower=5,
+        resume=MAY_CHANGE)
     deterministic_gpu: bool = option(
         False, "GPU only: forbid XLA's nondeterministic kernels (scatter-add of embedding "
         "gradients, some reductions use atomics), so that a GPU run repeats bit for bit, at some "
-        "speed cost. CPU and TPU runs repeat without it.")
+        "speed cost. CPU and TPU runs repeat without it.", resume=MAY_CHANGE)
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshOptions:
-    mesh_data: int = option(-1, "Data-parallel mesh axis size (-1 = the rest).")
-    mesh_fsdp: int = option(1, "FSDP mesh axis size.", lower=1)
-    mesh_tensor: int = option(1, "Tensor-parallel mesh axis size.", lower=1)
+    mesh_data: int = option(-1, "Data-parallel mesh axis size (-1 = the rest).", resume=MAY_CHANGE)
+    mesh_fsdp: int = option(1, "FSDP mesh axis size.", lower=1, resume=MAY_CHANGE)
+    mesh_tensor: int = option(1, "Tensor-parallel mesh axis size.", lower=1, resume=MAY_CHANGE)
 
 
 UNLOGGED_TRANSFERS_HELP = ("JAX's device-to-host transfer guard on steps that log, evaluate and save "
@@ -74,33 +81,39 @@ UNLOGGED_TRANSFERS_HELP = ("JAX's device-to-host transfer guard on steps that lo
 @dataclasses.dataclass(frozen=True)
 class RunOptions(MeshOptions, DistributedOptions):
     """What both training loops share: the mesh, processes, stopping, observing."""
-    async_checkpoint: bool = option(True, "Save checkpoints in the background.")
-    progress_bar: bool = option(True, "Show a progress bar.")
-    log_every: int = option(50, "Steps between training lines in metrics.jsonl (means over those steps).", lower=1)
+    async_checkpoint: bool = option(True, "Save checkpoints in the background.", resume=MAY_CHANGE)
+    progress_bar: bool = option(True, "Show a progress bar.", resume=MAY_CHANGE)
+    log_every: int = option(50, "Steps between training lines in metrics.jsonl (means over those steps).", lower=1,
+                            resume=MAY_CHANGE)
     max_nonfinite_streak: int = option(10, "Stop after this many non-finite steps in a row (their "
-                                       "updates are skipped).", lower=1)
+                                       "updates are skipped).", lower=1, resume=MAY_CHANGE)
     best_metric: str | None = option(
         None, "Evaluation metric that chooses <workdir>/best/ (metrics named *loss* lower is better). "
         "Default: fine-tuning, the task's; pretraining, held-out mlm_accuracy.")
-    stop_at_step: int | None = option(None, "Checkpoint and exit at this step, keeping the schedule.")
+    stop_at_step: int | None = option(None, "Checkpoint and exit at this step, keeping the schedule.",
+                                      resume=MAY_CHANGE)
     compilation_cache: str = option(
         "", "Persistent XLA compilation cache: a restarted run loads its compiled steps instead of "
         "compiling them again. '' = <workdir>/compilation_cache (a URI workdir: pretraining's "
         "<cache_dir>/compilation_cache, fine-tuning's none), a folder = that folder (it may be shared "
-        "by runs you trust: it holds executable code), 'off' = none.")
-    unlogged_transfers: str = option("allow", UNLOGGED_TRANSFERS_HELP, choices=("allow", "log", "disallow"))
+        "by runs you trust: it holds executable code), 'off' = none.", resume=MAY_CHANGE)
+    unlogged_transfers: str = option("allow", UNLOGGED_TRANSFERS_HELP, choices=("allow", "log", "disallow"),
+                                     resume=MAY_CHANGE)
     resolved_flags: str = internal("", "every flag with its final value, as a flag file (the run record)")
 
 
 # ---------------------------------------------------------------------- model ----
 FAMILIES = ("bert", "roberta", "albert")
 OBJECTIVES = ("mlm", "mlm_nsp", "mlm_sop")
+DEFAULT_VARIANT = "bert-tiny"
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
     """A published size (`variant`) and overrides of its fields (None: the variant's)."""
-    variant: str = option("bert-tiny", "Published model size to start from (config.VARIANTS).")
+    variant: str | None = option(
+        None, f"Published model size to start from (config.VARIANTS). Default: {DEFAULT_VARIANT} from scratch; "
+        "with --init_checkpoint, the checkpoint's (a variant given must match it).")
     objective: str | None = option(
         None, "Pretraining objective: masked LM alone, or with next-sentence (nsp) or sentence-order "
         "(sop) prediction. Default: the family's (BERT mlm_nsp, RoBERTa mlm, ALBERT mlm_sop).",
@@ -121,9 +134,16 @@ class ModelOptions:
     hidden_act: str | None = option(None, "Override the variant's hidden_act.", choices=("gelu", "gelu_new", "relu"))
     dtype: str | None = option(None, "Compute dtype (params stay float32).", choices=("float32", "bfloat16"))
     remat_policy: str | None = option(None, "Rematerialization of the layer body.",
-                                      choices=("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"))
-    attention_impl: str | None = option(None, "Attention kernel.", choices=("auto", "xla", "cudnn"))
-    scan_layers: bool = option(True, "Run layers with nn.scan (False: a Python loop).")
+                                      choices=("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
+                                      resume=MAY_CHANGE)
+    attention_impl: str | None = option(None, "Attention kernel.", choices=("auto", "xla", "cudnn"),
+                                        resume=MAY_CHANGE)
+    scan_layers: bool = option(True, "Run layers with nn.scan (False: a Python loop).", resume=MAY_CHANGE)
+
+    @property
+    def base_variant(self) -> str:
+        """The variant a model trained from scratch starts from."""
+        return self.variant or DEFAULT_VARIANT
 
     def overrides(self) -> dict[str, Any]:
         """The ModelConfig fields to change from the variant's."""
@@ -140,11 +160,12 @@ OPTIMIZERS = ("adamw", "adamw_bert", "lamb")
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     optimizer: str = option("adamw", "Optimizer.", choices=OPTIMIZERS)
-    learning_rate: float = option(1e-4, "Peak learning rate.")
-    warmup_steps: int = option(100, "Linear warmup steps.", lower=0)
+    learning_rate: float = option(1e-4, "Peak learning rate.", resume=PHASE)
+    warmup_steps: int = option(100, "Linear warmup steps.", lower=0, resume=PHASE)
     train_steps: int = internal(1000, "the job's step count")
+    schedule_start: int = internal(0, "the step the schedule's warmup starts at (a phase with its own schedule)")
     decay_power: float = option(1.0, "Polynomial decay power (1 = linear); adamw decays after warmup, "
-                                "adamw_bert/lamb from step 0 as the original code.")
+                                "adamw_bert/lamb from step 0 as the original code.", resume=PHASE)
     weight_decay: float = option(0.01, "Decoupled weight decay (not on LayerNorm/bias).")
     b1: float = option(0.9, "Adam beta1.", flag="adam_b1")
     b2: float = option(0.999, "Adam beta2.", flag="adam_b2")
@@ -154,8 +175,10 @@ class OptimConfig:
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer={self.optimizer!r}: must be one of {OPTIMIZERS}")
-        if self.warmup_steps > self.train_steps:
-            raise ValueError(f"--warmup_steps={self.warmup_steps} exceeds --train_steps={self.train_steps}")
+        if self.warmup_steps > self.train_steps - self.schedule_start:
+            raise ValueError(f"--warmup_steps={self.warmup_steps} exceeds the {self.train_steps - self.schedule_start} "
+                             f"steps of the schedule (--train_steps={self.train_steps}"
+                             + (f", from step {self.schedule_start})" if self.schedule_start else ")"))
 
 
 # ---------------------------------------------------------------------- vocab ----
@@ -176,22 +199,41 @@ class VocabOptions:
 class PretrainOptions(RunOptions):
     REQUIRED: ClassVar[tuple[str, ...]] = ("workdir", "corpus")
     workdir: str | None = option(None, "Run folder: checkpoints, metrics, tokenizer. Resumes if it holds a checkpoint. "
-                                     "A local folder or an object-store URI (gs://bucket/run; needs --cache_dir).")
-    corpus: str | None = option(None, "Comma-separated text files or globs to pretrain on.")
-    heldout_corpus: str | None = option(None, "Files or globs for held-out MLM/NSP evaluation.")
-    tokenizer: str | None = option(None, "Tokenizer folder; if unset, one is trained on --corpus into <workdir>/tokenizer.")
+                                     "A local folder or an object-store URI (gs://bucket/run; needs --cache_dir).",
+                                     resume=MAY_CHANGE)
+    corpus: str | None = option(None, "Comma-separated text files or globs to pretrain on.", resume=PHASE)
+    heldout_corpus: str | None = option(None, "Files or globs for held-out MLM/NSP evaluation.", resume=MAY_CHANGE)
+    init_checkpoint: str | None = option(
+        None, "Start from this model instead of a random init: our checkpoint folder (a pretraining workdir, its "
+        "best/, a converted folder) or a Hugging Face BERT/RoBERTa/ALBERT folder, with or without pretraining heads. "
+        "Its weights, heads, tokenizer and model options are used (heads it lacks start fresh, with a warning); the "
+        "optimizer starts fresh at step 0. A resumed run continues from its own checkpoints.")
+    phase: int = option(
+        1, "The run's phase (BERT: 1 at length 128, then 2 at 512 on the same --workdir). A run moves to the next "
+        "phase when its workdir's checkpoint is of the one before: weights, optimizer state and step carry over, and "
+        "the options marked as phase options (sequence length, MLM positions, batch, corpus, schedule shape) may "
+        "change; every other option must stay.", lower=1)
+    phase_schedule: str = option(
+        "continue", "The learning rate of a phase after the first: continue (the one schedule over all "
+        "--train_steps, as google-research/bert's phase 2) or restart (the phase's own --warmup_steps and "
+        "--learning_rate from its first step, decaying to --train_steps, as NVIDIA's LAMB recipe).",
+        choices=("continue", "restart"), resume=PHASE)
+    tokenizer: str | None = option(None, "Tokenizer folder; if unset, one is trained on --corpus into <workdir>/tokenizer "
+                                   "(with --init_checkpoint: the checkpoint's; one given must be the same).")
     tokenizer_vocab_size: int = option(8000, "Vocabulary size when the tokenizer is trained here.", lower=1)
     lowercase: bool = option(True, "Lowercase when training the tokenizer here.")
     cache_dir: str | None = option(None, "Tokenized-corpus cache, a local folder (memory-mapped; default "
-                                       "<workdir>/cache, required when --workdir is a URI).")
-    document_boundary: str = option("file", "What separates documents.", choices=("file", "blank_line"))
+                                       "<workdir>/cache, required when --workdir is a URI).", resume=MAY_CHANGE)
+    document_boundary: str = option("file", "What separates documents.", choices=("file", "blank_line"),
+                                    resume=PHASE)
     sentence_splitter: str = option(
         "pysbd", "Sentence splitter of corpus preparation: pysbd (rule-based, about 0.1 MB/s per core) or "
         "blingfire (60-190x faster, keeps 85-99% of pysbd's boundaries and adds some).",
         choices=("pysbd", "blingfire"))
     model: ModelOptions = dataclasses.field(default=ModelOptions())
-    max_seq_length: int = option(128, "Tokens per row (at least 8: [CLS] A [SEP] B [SEP] and room for text).", lower=8)
-    max_predictions_per_seq: int = option(20, "Static number of MLM positions per row.", lower=1)
+    max_seq_length: int = option(128, "Tokens per row (at least 8: [CLS] A [SEP] B [SEP] and room for text).", lower=8,
+                                 resume=PHASE)
+    max_predictions_per_seq: int = option(20, "Static number of MLM positions per row.", lower=1, resume=PHASE)
     masked_lm_prob: float = option(0.15, "Fraction of tokens to predict.", lower=0.0, upper=1.0)
     whole_word_masking: bool = option(False, "Mask all sub-tokens of a chosen word.")
     max_ngram: int = option(1, "ALBERT n-gram masking: spans of up to this many words (1 = off).", lower=1)
@@ -208,16 +250,16 @@ class PretrainOptions(RunOptions):
         "prebuilt (BERT's create_pretraining_data walk, once per run; needed for packing).",
         choices=("on_the_fly", "prebuilt"))
     prepare_only: bool = option(False, "Prepare the tokenizer and the tokenized corpus (every process its "
-                                "share of the files), then exit: the first phase of a large run.")
-    batch_size: int = option(32, "Global batch size (all processes, all microbatches).", lower=1)
-    grad_accum: int = option(1, "Microbatches per update.", lower=1)
-    train_steps: int = option(1000, "Optimizer updates.", lower=1)
+                                "share of the files), then exit: the first step of a large run.", resume=MAY_CHANGE)
+    batch_size: int = option(32, "Global batch size (all processes, all microbatches).", lower=1, resume=PHASE)
+    grad_accum: int = option(1, "Microbatches per update.", lower=1, resume=PHASE)
+    train_steps: int = option(1000, "Optimizer updates.", lower=1, resume=MAY_CHANGE)
     optim: OptimConfig = dataclasses.field(default=OptimConfig())
     seed: int = option(0, "Seed of init, data order, masking and dropout.")
-    checkpoint_every: int = option(500, "Steps between checkpoints.", lower=1)
-    keep_checkpoints: int = option(3, "Checkpoints kept.", lower=1)
-    eval_every: int = option(500, "Steps between held-out evaluations.", lower=1)
-    eval_batches: int = option(10, "Held-out batches per evaluation.", lower=1)
+    checkpoint_every: int = option(500, "Steps between checkpoints.", lower=1, resume=MAY_CHANGE)
+    keep_checkpoints: int = option(3, "Checkpoints kept.", lower=1, resume=MAY_CHANGE)
+    eval_every: int = option(500, "Steps between held-out evaluations.", lower=1, resume=MAY_CHANGE)
+    eval_batches: int = option(10, "Held-out batches per evaluation.", lower=1, resume=MAY_CHANGE)
 
     def __post_init__(self):
         if self.static_masks and self.instances != "prebuilt":
@@ -255,7 +297,7 @@ class FinetuneOptions(RunOptions):
                                 "the backbone starts from a seeded random init (the no-pretraining baseline).")
     train_file: str | None = option(None, "Training file (TSV/CSV/JSONL, CoNLL, or SQuAD JSON).")
     workdir: str | None = option(None, "Output folder; a rerun of the same run resumes there. A local "
-                                     "folder or an object-store URI (gs://bucket/run).")
+                                     "folder or an object-store URI (gs://bucket/run).", resume=MAY_CHANGE)
     eval_files: tuple[tuple[str, str], ...] = option(
         (), "NAME=PATH,... of labeled files to evaluate on.", parse=_name_eq_path)
     select_on: str | None = option(None, "The --eval_files NAME whose --best_metric chooses the best "
@@ -286,8 +328,8 @@ class FinetuneOptions(RunOptions):
     dropout: float | None = option(None, "Override the checkpoint's dropout.")
     dtype: str = option("float32", "Compute dtype.", choices=("float32", "bfloat16"))
     checkpoint_every: int = option(500, "Steps between checkpoints (0: only at the end); a rerun on the "
-                                   "same --workdir resumes from the last one.", lower=0)
-    keep_checkpoints: int = option(2, "Checkpoints kept.", lower=1)
+                                   "same --workdir resumes from the last one.", lower=0, resume=MAY_CHANGE)
+    keep_checkpoints: int = option(2, "Checkpoints kept.", lower=1, resume=MAY_CHANGE)
 
 
 # -------------------------------------------------------------------- predict ----
@@ -399,6 +441,19 @@ class TokenizerBenchOptions:
     vocab: str | None = option(None, "Tokenizer folder.")
     corpus: str | None = option(None, "Comma-separated globs.")
     batch_lines: int = option(4096, "Lines per encode_batch call.", lower=1)
+
+
+def resume_rules(o) -> dict[str, str]:
+    """{flag name: SAME, MAY_CHANGE or PHASE} of every flag-bearing field of `o` (an
+    options instance, nested options included)."""
+    out = {}
+    for f in dataclasses.fields(o):
+        v = getattr(o, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(resume_rules(v))
+        elif f.metadata.get("flag", "") is not None:
+            out[f.metadata.get("flag") or f.name] = f.metadata.get("resume", SAME)
+    return out
 
 
 def flat(o) -> dict[str, Any]:

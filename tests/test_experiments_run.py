@@ -56,6 +56,13 @@ def test_pretrain_flag_file_runs(path, tmp_path, spiece, cache_dir, shared_data,
              "--batch_size=8", "--log_every=1", "--progress_bar=false",
              # rows of 512 only cost CI time here: 128 keeps every other option of the file
              "--max_seq_length=128", "--max_predictions_per_seq=20", f"--cache_dir={cache_dir}"]
+    if path.stem.endswith("_phase2"):  # as its header says: on the workdir of phase 1, stopped there
+        phase1 = absl_flags.FlagValues()
+        flags.define(PretrainOptions, phase1)
+        phase1([sys.argv[0], f"--flagfile={path.with_name(path.name.replace('phase2', 'phase1'))}", *extra,
+                "--train_steps=4", "--stop_at_step=2", "--max_seq_length=64", "--max_predictions_per_seq=10"])
+        assert pretraining.run(flags.read(PretrainOptions, phase1))["step"] == 2
+        extra.append("--train_steps=4")
     fv([sys.argv[0], f"--flagfile={path}", *extra])
     if fv.variant.startswith("albert"):
         assert fv.tokenizer.startswith("/data/")  # a placeholder for the released model
@@ -63,7 +70,7 @@ def test_pretrain_flag_file_runs(path, tmp_path, spiece, cache_dir, shared_data,
         fv.embedding_size = 16
     o = flags.read(PretrainOptions, fv)
     s = pretraining.run(o)
-    assert s["step"] == 2 and np.isfinite(s["heldout"]["mlm_loss"]), s
+    assert s["step"] == fv.train_steps and np.isfinite(s["heldout"]["mlm_loss"]), s
     cfg = checkpoint.read_config(tmp_path / "wd")
     tok = Tokenizer.load(tmp_path / "wd" / "tokenizer")
     assert cfg.pad_token_id == tok.pad_id and cfg.vocab_size >= tok.vocab_size

@@ -19,6 +19,7 @@ All: global-norm clipping first. Schedules:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -29,6 +30,13 @@ from bert_jax.options import OptimConfig
 
 
 def schedule(c: OptimConfig) -> optax.Schedule:
+    """The learning rate at each optimizer step. With `schedule_start` (a pretraining phase
+    with its own schedule), the schedule of the steps from there to `train_steps`, shifted
+    to begin at that step."""
+    if c.schedule_start:
+        start = c.schedule_start
+        shifted = schedule(dataclasses.replace(c, train_steps=c.train_steps - start, schedule_start=0))
+        return lambda step: shifted(step - start)
     if c.optimizer in PAPER_CODE_SCHEDULE:
         return _paper_code_schedule(c)
     warm = optax.linear_schedule(0.0, c.learning_rate, max(c.warmup_steps, 1))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import pathlib
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from flax import linen as nn
 
 from bert_jax import options, storage
 from bert_jax.data import cache, corpus, instances, loader, masking
@@ -22,6 +24,7 @@ from bert_jax.data.tokenizer import FAMILY_KIND, Tokenizer
 from bert_jax.data.tokenizer import copy_files as copy_tokenizer_files
 from bert_jax.errors import BertJaxError
 from bert_jax.interop import convert
+from bert_jax.interop import rename
 from bert_jax.model import objectives
 from bert_jax.model.config import ConfigError, ModelConfig, variant
 from bert_jax.options import PretrainOptions
@@ -36,49 +39,189 @@ class PretrainError(BertJaxError, RuntimeError):
     """A run cannot go on; the message names the step and the last good checkpoint."""
 
 
-# Options that may change when a run resumes: they decide how the run is observed,
-# checkpointed, stopped or laid out on devices, not which model is trained on what data.
-# (train_steps may grow to extend a run; the schedule follows it.) Every other option is
-# compared with the checkpoint's record, and a difference is an error naming the flag.
-RESUME_MAY_CHANGE = frozenset({
-    "workdir", "heldout_corpus", "cache_dir", "train_steps", "stop_at_step", "mesh_data", "mesh_fsdp",
-    "mesh_tensor", "checkpoint_every", "keep_checkpoints", "async_checkpoint", "log_every",
-    "eval_every", "eval_batches", "max_nonfinite_streak", "progress_bar", "unlogged_transfers", "scan_layers",
-    "coordinator_address", "num_processes", "process_id", "deterministic_gpu", "heartbeat_timeout",
-    "compilation_cache", "prepare_only",
-    "remat_policy", "attention_impl"})
-
 # What a run recorded before these flags existed did: its checkpoints resume with them.
-FLAGS_BEFORE_THEY_EXISTED = {"instances": "prebuilt", "static_masks": 0}
+FLAGS_BEFORE_THEY_EXISTED = {"instances": "prebuilt", "static_masks": 0, "init_checkpoint": None,
+                             "phase": 1, "phase_schedule": "continue"}
 
 
 def flag_record(o: PretrainOptions) -> dict[str, Any]:
-    """The options as {flag name: value} (JSON values), as the run record stores them."""
-    return json.loads(json.dumps(options.flat(o)))
+    """The options as {flag name: value} (JSON values), as the run record stores them (a
+    run from scratch records the variant it used, also when --variant was left out)."""
+    rec = json.loads(json.dumps(options.flat(o)))
+    if not o.init_checkpoint:
+        rec["variant"] = o.model.base_variant
+    return rec
 
 
-def check_resume(o: PretrainOptions, manifest: dict, tok: Tokenizer, where: pathlib.Path) -> None:
+def check_resume(o: PretrainOptions, manifest: dict, tok: Tokenizer, where: pathlib.Path) -> bool:
     """A resumed run must be the run its checkpoint started: same tokenizer, same flags
-    except RESUME_MAY_CHANGE. Errors name every flag that differs."""
+    except those that may change on resume (options.resume_rules). With a --phase one
+    above the checkpoint's, the run moves to that phase: the phase options may change too.
+    Returns whether this starts a new phase. Errors name every flag that differs."""
     if manifest.get("tokenizer_fingerprint") not in (None, tok.fingerprint()):
         raise PretrainError(f"{where} was trained with tokenizer {manifest['tokenizer_fingerprint']}, "
                             f"but the workdir's tokenizer is now {tok.fingerprint()}; use a new --workdir")
+    saved_phase = manifest.get("phase", 1)
+    if o.phase < saved_phase or o.phase > saved_phase + 1:
+        raise PretrainError(f"--phase={o.phase}: --workdir={o.workdir} is in phase {saved_phase} ({where}); "
+                            f"resume it with --phase={saved_phase}, or move it on with --phase={saved_phase + 1}")
+    new_phase = o.phase == saved_phase + 1
     old = manifest.get("options")
     if old is None:
         logging.warning("%s records no options (an older checkpoint): flags not compared", where)
-        return
+        return new_phase
     old = {**FLAGS_BEFORE_THEY_EXISTED, **old}
     new = flag_record(o)
+    rules = options.resume_rules(o)
+    may = {options.MAY_CHANGE, options.PHASE} if new_phase else {options.MAY_CHANGE}
     diff = [f"--{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k)]
+            if k != "phase" and rules.get(k, options.SAME) not in may and old.get(k) != new.get(k)]
     if diff:
-        raise PretrainError(f"--workdir={o.workdir} holds a run with other options ({where}): "
-                            + "; ".join(diff) + ". Resume with the same flags, or use a new --workdir")
+        what = (f"moves to phase {o.phase}, but a new phase changes only its phase options "
+                f"({', '.join('--' + k for k, r in sorted(rules.items()) if r == options.PHASE)})"
+                if new_phase else "holds a run with other options")
+        raise PretrainError(f"--workdir={o.workdir} {what} ({where}): " + "; ".join(diff)
+                            + (". Keep the other flags of phase %d" % saved_phase if new_phase
+                               else ". Resume with the same flags, or use a new --workdir"))
+    return new_phase
+
+
+def phase_seed(seed: int, phase: int) -> int:
+    """The data seed of a phase: --seed in phase 1; a different stream in each later phase
+    (rows, pairs and masks drawn anew for the new length)."""
+    if phase == 1:
+        return seed
+    return int(hashlib.sha256(f"{seed}/phase{phase}".encode()).hexdigest()[:8], 16)
+
+
+def phase_record(o: PretrainOptions, saved: dict, start: int, new_phase: bool) -> list[dict]:
+    """The manifest's list of phases, one {phase, start_step, end_step?, options} each:
+    the checkpoint's (a checkpoint from before phases: one phase from step 0), plus a new
+    one starting at `start` when the run moves on; the current phase's options are these."""
+    phases = [dict(p) for p in saved.get("phases") or ([dict(phase=1, start_step=0, options=saved["options"])]
+                                                       if saved.get("options") else [])]
+    if new_phase:
+        phases[-1]["end_step"] = start
+    if new_phase or not phases:
+        phases.append(dict(phase=o.phase, start_step=start if new_phase else 0))
+    phases[-1]["options"] = flag_record(o)
+    return phases
+
+
+# ------------------------------------------------------------ --init_checkpoint ----
+@dataclasses.dataclass(frozen=True)
+class InitCheckpoint:
+    """The model a run starts from: its config, task (heads.TASKS), params (host arrays)
+    and tokenizer folder."""
+    path: str
+    cfg: ModelConfig
+    task: str
+    params: dict
+    tok_dir: pathlib.Path
+
+
+# Model options that a checkpoint decides: a flag given with another value is an error.
+CHECKPOINT_SHAPE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "embedding_size", "num_hidden_groups", "inner_group_num", "max_position_embeddings",
+                    "share_scope", "hidden_act")
+
+
+def load_init(o: PretrainOptions) -> InitCheckpoint:
+    """--init_checkpoint read and checked against the flags (before any step)."""
+    where = o.init_checkpoint
+    if not storage.path(where).is_dir():
+        raise PretrainError(f"--init_checkpoint={where}: no such folder")
+    cfg, task, params, tok_dir = convert.load(where)
+    if tok_dir is None:
+        raise PretrainError(f"--init_checkpoint={where} carries no tokenizer (vocab.txt, vocab.json + merges.txt, "
+                            "spiece.model or tokenizer.json): a model is continued with the tokenizer it was trained with")
+    m = o.model
+    if m.variant is not None:
+        v = variant(m.variant)
+        if v.family != cfg.family:
+            raise PretrainError(f"--variant={m.variant} is a {v.family} model, but --init_checkpoint={where} is a "
+                                f"{cfg.family} model; leave --variant out (the checkpoint decides the model)")
+        for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            if getattr(m, f) is None and getattr(v, f) != getattr(cfg, f):
+                raise PretrainError(f"--variant={m.variant} has {f}={getattr(v, f)}, but --init_checkpoint={where} "
+                                    f"has {getattr(cfg, f)}; leave --variant out (the checkpoint decides the model)")
+    for f in CHECKPOINT_SHAPE:
+        given, theirs = getattr(m, f), cfg.embed_dim if f == "embedding_size" else getattr(cfg, f)
+        if given is not None and given != theirs:
+            raise PretrainError(f"--{f}={given}: --init_checkpoint={where} has {f}={theirs}; a model continued from "
+                                f"a checkpoint keeps its shape (leave --{f} out)")
+    if o.tokenizer:
+        given, theirs = Tokenizer.load(o.tokenizer), Tokenizer.load(tok_dir)
+        if given.fingerprint() != theirs.fingerprint():
+            raise PretrainError(f"--tokenizer={o.tokenizer} ({given.kind}, {given.vocab_size} tokens, fingerprint "
+                                f"{given.fingerprint()}) is not the tokenizer of --init_checkpoint={where} "
+                                f"({theirs.kind}, {theirs.vocab_size} tokens, fingerprint {theirs.fingerprint()}): "
+                                "leave --tokenizer out (the checkpoint's is used)")
+    logging.info("--init_checkpoint=%s: a %s %s model; its tokenizer is used (--tokenizer_vocab_size and "
+                 "--lowercase, which only shape a tokenizer trained here, are not used)", where, cfg.family, task)
+    return InitCheckpoint(where, cfg, task, params, tok_dir)
+
+
+def init_model_config(o: PretrainOptions, base: ModelConfig) -> ModelConfig:
+    """The model of a run from --init_checkpoint (or its resumption): the checkpoint's
+    config (`base`) with what a continued run may choose: objective, dropout, execution."""
+    m = o.model
+    changes = {f: getattr(m, f) for f in ("objective", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                                          "dtype", "remat_policy", "attention_impl") if getattr(m, f) is not None}
+    cfg = base.replace(scan_layers=m.scan_layers, **changes)
+    cfg.check_sequence_length(o.max_seq_length)
+    return cfg
+
+
+def merge_init(params, init: InitCheckpoint, cfg: ModelConfig):
+    """The pretraining params `params` (a seeded random init, sharded) with every part that
+    --init_checkpoint has put in its place: the encoder (required), the pooler, the MLM
+    head, and the sentence head when it is the objective's (an NSP head is no SOP head).
+    Parts it lacks keep their random init, with one warning naming them."""
+    where, src = init.path, init.params
+    if "backbone" not in src:
+        raise PretrainError(f"--init_checkpoint={where}: no backbone params")
+    same_sentence = (init.task == "pretraining"
+                     and init.cfg.pretraining_objective.sentence_task == cfg.pretraining_objective.sentence_task)
+    fresh, out = [], {}
+    for top, sub in params.items():
+        if top == "backbone":
+            merged = {}
+            for k, v in sub.items():
+                if k not in src["backbone"]:
+                    if k != "pooler":
+                        raise PretrainError(f"--init_checkpoint={where}: param backbone/{k} is missing")
+                    fresh.append("pooler")
+                    merged[k] = v
+                else:
+                    merged[k] = _placed(src["backbone"][k], v, where, f"backbone/{k}")
+            out[top] = merged
+        elif top in src and (top == "mlm" or same_sentence):
+            out[top] = _placed(src[top], sub, where, top)
+        else:
+            fresh.append({"mlm": "MLM head", "sentence": f"{cfg.pretraining_objective.sentence_task.upper()} head"
+                          if top == "sentence" else top}.get(top, top))
+            out[top] = sub
+    if fresh:
+        logging.warning("--init_checkpoint=%s (a %s %s model) has no %s for --objective=%s: %s start%s from a "
+                        "random init", where, init.cfg.family, init.task, ", ".join(fresh), cfg.objective,
+                        "they" if len(fresh) > 1 else "it", "" if len(fresh) > 1 else "s")
+    return out
+
+
+def _placed(src, like, where: str, name: str):
+    """Host arrays `src` as arrays shaped and sharded as `like` (errors name the param)."""
+    try:
+        rename.check_shapes(src, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like))
+    except rename.RenameError as e:
+        raise PretrainError(f"--init_checkpoint={where}: {e} (under {name})") from None
+    return jax.tree.map(lambda x, t: jax.make_array_from_callback(
+        t.shape, t.sharding, lambda i: np.asarray(x, t.dtype)[i]), src, like)
 
 
 def model_config(o: PretrainOptions, tokenizer: Tokenizer) -> ModelConfig:
     overrides = o.model.overrides()
-    base = variant(o.model.variant)
+    base = variant(o.model.base_variant)
     overrides.setdefault("vocab_size", tokenizer.vocab_size)
     overrides.setdefault("pad_token_id", tokenizer.pad_id)
     cfg = base.replace(**overrides)
@@ -109,13 +252,16 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def prepare_tokenizer(o: PretrainOptions, workdir, local_root: pathlib.Path) -> tuple[Tokenizer, pathlib.Path]:
-    return _first_process_then_all("tokenizer", lambda: _prepare_tokenizer(o, workdir, local_root))
+def prepare_tokenizer(o: PretrainOptions, workdir, local_root: pathlib.Path,
+                      init: InitCheckpoint | None = None) -> tuple[Tokenizer, pathlib.Path]:
+    return _first_process_then_all("tokenizer", lambda: _prepare_tokenizer(o, workdir, local_root, init))
 
 
-def _prepare_tokenizer(o: PretrainOptions, workdir, local_root: pathlib.Path) -> tuple[Tokenizer, pathlib.Path]:
-    """The run's tokenizer, copied into <workdir>/tokenizer. Trained from the corpus
-    (WordPiece unless the variant's family says otherwise) when no folder is given. Returns
+def _prepare_tokenizer(o: PretrainOptions, workdir, local_root: pathlib.Path,
+                       init: InitCheckpoint | None) -> tuple[Tokenizer, pathlib.Path]:
+    """The run's tokenizer, copied into <workdir>/tokenizer: --init_checkpoint's, else
+    --tokenizer's, else trained from the corpus (WordPiece unless the variant's family
+    says otherwise). Returns
     it with a local folder of its files: <workdir>/tokenizer itself, or for a workdir on an
     object store a copy under `local_root` (the tokenizers library reads local files)."""
     dest = workdir / "tokenizer"
@@ -134,12 +280,12 @@ def _prepare_tokenizer(o: PretrainOptions, workdir, local_root: pathlib.Path) ->
         logging.warning("%s has no checkpoint yet: rebuilding its tokenizer from the flags", workdir)
         storage.rmtree(dest)
     storage.rmtree(local)
-    if o.tokenizer:
-        copy_tokenizer_files(o.tokenizer, local)
+    if init is not None or o.tokenizer:
+        copy_tokenizer_files(init.tok_dir if init is not None else o.tokenizer, local)
         tok = Tokenizer.load(local)
     else:
         from bert_jax.data import vocab
-        kind = FAMILY_KIND[variant(o.model.variant).family]
+        kind = FAMILY_KIND[variant(o.model.base_variant).family]
         logging.info("no --tokenizer: training a %s vocabulary of %d on --corpus", kind, o.tokenizer_vocab_size)
         tok = vocab.train(kind, o.corpus, o.tokenizer_vocab_size, local, lowercase=o.lowercase)
     if remote:
@@ -210,49 +356,83 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     cache_dir = pathlib.Path(o.cache_dir) if o.cache_dir else workdir / "cache"
     # Compiled steps are kept locally: beside the corpus when the workdir is on a store.
     train.use_compilation_cache(o.compilation_cache, cache_dir if storage.is_remote(workdir) else workdir)
-    tok, tok_dir = prepare_tokenizer(o, workdir, cache_dir)
-    cfg = model_config(o, tok)
+    resuming = ckpt_lib.has_checkpoint(workdir)
+    if o.phase > 1 and not resuming:
+        raise PretrainError(f"--phase={o.phase} continues a run, but --workdir={o.workdir} holds no checkpoint: "
+                            f"run phase {o.phase - 1} there first (a phase starts from the one before)")
+    # A run from a checkpoint loads it once, at its start; resumed, it continues from its own.
+    init = load_init(o) if o.init_checkpoint and not resuming else None
+    tok, tok_dir = prepare_tokenizer(o, workdir, cache_dir, init)
+    if init is not None:
+        cfg = init_model_config(o, init.cfg)
+    elif o.init_checkpoint:
+        cfg = init_model_config(o, ckpt_lib.read_config(workdir))
+    else:
+        cfg = model_config(o, tok)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens")
     ckpt_lib.check_same_architecture(workdir, cfg)
     objective = cfg.pretraining_objective
     best_metric = o.best_metric or "mlm_accuracy"
     if best_metric not in objective.logged:
         raise PretrainError(f"--best_metric={best_metric!r}: --objective={objective.name} reports {objective.logged}")
-    src = make_source(o, cfg, tok, tok_dir, o.corpus, o.seed, cache_dir, "--corpus")
+    src = make_source(o, cfg, tok, tok_dir, o.corpus, phase_seed(o.seed, o.phase), cache_dir, "--corpus")
     held = (make_source(o, cfg, tok, tok_dir, o.heldout_corpus, 12345, cache_dir, "--heldout_corpus")
             if o.heldout_corpus else None)
     if o.prepare_only:
         logging.info("--prepare_only: tokenizer in %s, corpus prepared in %s", tok_dir, cache_dir)
         return {"prepared": str(cache_dir), "tokenizer": str(tok_dir)}
 
-    ocfg = dataclasses.replace(o.optim, train_steps=o.train_steps)
-    tx, lr_fn = optim.make(ocfg), optim.schedule(ocfg)
-    abstract, state_sh = train.state_shardings(cfg, tx, o.max_seq_length, mesh)
+    # The optimizer state's structure does not depend on the schedule: restore with any.
+    abstract, state_sh = train.state_shardings(cfg, optim.make(dataclasses.replace(o.optim, train_steps=o.train_steps)),
+                                               o.max_seq_length, mesh)
     batch_sh = lambda ndim: sharding.data_sharding(mesh, ndim)
     ckpt = ckpt_lib.Checkpointer(workdir, o.keep_checkpoints, o.async_checkpoint)
+    new_phase, saved_manifest = False, {}
     try:
         restored = ckpt.restore_latest(abstract, state_sh)
         if restored is not None:
             start, state, data_state, saved_manifest = restored
-            check_resume(o, saved_manifest, tok, ckpt.dir / str(start))
-            logging.info("resuming from %s at step %d", ckpt.dir / str(start), start)
+            new_phase = check_resume(o, saved_manifest, tok, ckpt.dir / str(start))
+            logging.info("resuming from %s at step %d%s", ckpt.dir / str(start), start,
+                         f", moving to phase {o.phase}" if new_phase else "")
     except Exception:
         ckpt.close()  # orbax's threads stop before the error propagates
         raise
+    phases = phase_record(o, saved_manifest, start if restored is not None else 0, new_phase)
+    if new_phase:
+        if start >= o.train_steps:
+            ckpt.close()
+            raise PretrainError(f"--phase={o.phase} would start at step {start}, but --train_steps={o.train_steps}: "
+                                "nothing left to train (--train_steps counts the steps of every phase)")
+        data_state = None  # the new phase reads its own stream from its start
+    ocfg = dataclasses.replace(o.optim, train_steps=o.train_steps, schedule_start=(
+        phases[-1]["start_step"] if o.phase_schedule == "restart" else 0))
+    try:
+        tx, lr_fn = optim.make(ocfg), optim.schedule(ocfg)
+    except ValueError as e:
+        ckpt.close()
+        raise PretrainError(str(e)) from None
     if restored is None:
         state, data_state = train.create_state(cfg, tx, o.max_seq_length, o.seed, mesh, state_sh), None
         start = 0
+        if init is not None:
+            state = train.state_around(merge_init(state.params, init, cfg), tx, o.seed, state_sh, mesh)
     chief = jax.process_index() == 0  # the one process that writes files other than checkpoints
     if chief:
         ckpt_lib.write_config(workdir, cfg)
     manifest = dict(flags=o.resolved_flags, options=flag_record(o), git_revision=ckpt_lib.git_revision(),
                     tokenizer_fingerprint=tok.fingerprint(), packages=ckpt_lib.package_versions(),
                     model_config=dataclasses.asdict(cfg), devices=str(jax.devices()[:4]),
-                    process_count=jax.process_count())
+                    process_count=jax.process_count(), phase=o.phase, phases=phases,
+                    init_checkpoint=saved_manifest.get("init_checkpoint") if restored is not None else (
+                        None if init is None else dict(path=str(init.path), task=init.task, family=init.cfg.family)))
     if chief:
         (workdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
         (workdir / "flags.txt").write_text(o.resolved_flags)
 
-    best = runlog.Best(best_metric, saved_manifest.get("best") if restored is not None else None)
+    # best/ is chosen within a phase: held-out figures at another length do not compare.
+    best = runlog.Best(best_metric, saved_manifest.get("best") if restored is not None and not new_phase else None)
 
     def save_best(step, params):
         runlog.publish(workdir / "best", params, lambda tmp, host: convert.save_ours(
@@ -266,6 +446,10 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     log = runlog.RunLog(workdir, total=o.train_steps, start=start, desc="pretrain", progress_bar=o.progress_bar,
                         max_nonfinite_streak=o.max_nonfinite_streak, figures=objective.figures)
     summary: dict[str, Any] = {}
+    if init is not None and held is not None:  # where the continued run starts from, as step 0
+        summary["heldout_at_init"] = ev = evaluate(eval_fn, state.params, held, o.eval_batches, batch_sh, objective)
+        log.eval(0, "heldout", ev)
+        logging.info("held-out before training (--init_checkpoint=%s): %s", init.path, ev)
     last_saved, data_state_now = start, data_state
     in_flight = None
     try:

@@ -73,6 +73,14 @@ def create_state(cfg: ModelConfig, tx, seq_len: int, seed: int, mesh, shard=None
         return init(jax.random.key(seed))
 
 
+def state_around(params, tx, seed: int, shard, mesh) -> TrainState:
+    """The step-0 state around `params` (arrays already placed as `shard.params`): a fresh
+    optimizer, and the dropout key that create_state gives a run of `seed`."""
+    run_rng = jax.random.split(jax.random.key(seed))[1]
+    with jax.set_mesh(mesh):
+        return jax.jit(lambda p: new_state(p, tx, run_rng), out_shardings=shard)(params)
+
+
 def check_batch(batch_size: int, grad_accum: int, mesh) -> None:
     """The global batch is placed split over the data-parallel devices (data x fsdp) and
     the processes, and cut into `grad_accum` microbatches: checked before any data is
