@@ -152,3 +152,22 @@ def test_unlogged_finetune_steps_copy_nothing_to_the_host(tiny_checkpoint, strai
     with pytest.raises(Exception, match="[Dd]isallowed device-to-host transfer"):
         Finetuner(_resume_options(tiny_checkpoint, train, tmp_path / "leak", unlogged_transfers="disallow",
                                   checkpoint_every=0, log_every=4)).run()
+
+
+def test_rerun_on_other_processes_is_the_same_run(tmp_path):
+    """A multi-process run resumes after a preemption although launch.sh (a new port) or
+    SLURM (new nodes) gives it another coordinator: the processes are not the run, as the
+    mesh is not (options.resume_rules), also for a run.json that recorded them."""
+    from bert_jax.training import finetuning
+    o = FinetuneOptions(task="classification", init_checkpoint="ck", train_file="t.tsv", workdir=str(tmp_path),
+                        coordinator_address="localhost:21234", num_processes=2, process_id=0, mesh_data=2)
+    assert finetuning.check_workdir(tmp_path, o) is None
+    assert "coordinator_address" not in json.loads((tmp_path / finetuning.RUN_RECORD).read_text())
+    (tmp_path / "checkpoints" / "5").mkdir(parents=True)  # a checkpoint to resume from
+    rerun = FinetuneOptions(**{**o.__dict__, "coordinator_address": "localhost:35678", "mesh_data": 4})
+    assert finetuning.check_workdir(tmp_path, rerun) is None
+    record = json.loads((tmp_path / finetuning.RUN_RECORD).read_text())  # as older versions wrote it
+    (tmp_path / finetuning.RUN_RECORD).write_text(json.dumps(dict(record, coordinator_address="localhost:21234")))
+    assert finetuning.check_workdir(tmp_path, rerun) is None
+    with pytest.raises(finetuning.FinetuneError, match="--learning_rate: 2e-05 there, 0.001 now"):
+        finetuning.check_workdir(tmp_path, FinetuneOptions(**{**o.__dict__, "learning_rate": 1e-3}))

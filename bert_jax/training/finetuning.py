@@ -29,7 +29,7 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bert_jax import storage
+from bert_jax import options, storage
 from bert_jax.data.tokenizer import Tokenizer
 from bert_jax.errors import BertJaxError
 from bert_jax.interop import convert
@@ -389,15 +389,12 @@ RUN_OUTPUTS = ("metrics.jsonl", "results.json", "eval", "best", "best.tmp", "che
                "checkpoints.corrupt", "manifest.json", "flags.txt", "tensorboard")
 
 
-# Options that do not change what a run computes (the mesh only its float rounding): a
-# rerun may change them, e.g. resume on another mesh.
-NOT_RECORDED = ("workdir", "progress_bar", "log_every", "max_nonfinite_streak", "compilation_cache",
-                "heartbeat_timeout", "mesh_data", "mesh_fsdp", "mesh_tensor", "checkpoint_every", "keep_checkpoints",
-                "async_checkpoint", "stop_at_step", "unlogged_transfers", "resolved_flags")
-
-
 def run_record(o: FinetuneOptions) -> dict:
-    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(o).items() if k not in NOT_RECORDED}))
+    """The options that decide what the run computes: all but those that may change on
+    resume (options.resume_rules: the mesh, the processes, what is logged and kept)."""
+    rules = options.resume_rules(o)
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(o).items()
+                                  if k != "resolved_flags" and rules.get(k) != options.MAY_CHANGE}))
 
 
 def check_workdir(wd: pathlib.Path, o: FinetuneOptions) -> dict | None:
@@ -409,8 +406,9 @@ def check_workdir(wd: pathlib.Path, o: FinetuneOptions) -> dict | None:
     new = run_record(o)
     if record.exists():
         old = json.loads(record.read_text())
+        rules = options.resume_rules(o)  # a record written before an option could change keeps it
         diff = [f"--{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
-                if old.get(k) != new.get(k)]
+                if rules.get(k) != options.MAY_CHANGE and old.get(k) != new.get(k)]
         if diff:
             raise FinetuneError(f"--workdir={wd} holds another fine-tuning run ({'; '.join(diff)}); "
                                 "use a new --workdir")
