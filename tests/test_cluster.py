@@ -171,6 +171,28 @@ def test_checkpoint_of_two_processes_resumes_on_another_topology(slurm_run, tok,
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5), a, b)
 
 
+@pytest.mark.slow
+def test_two_processes_start_from_a_checkpoint_of_any_topology(slurm_run, tok, tmp_path):
+    """--init_checkpoint on a workdir that 2 processes x 2 devices wrote, read by 2 other
+    processes (2 devices each: its saved sharding names devices process 1 does not have)
+    and by one process on 4 devices: the same held-out figures before training and the
+    same first losses (the restore path fine-tuning's --init_checkpoint takes too)."""
+    ref, _, _ = slurm_run
+    init = ["--train_steps=2", "--log_every=1", f"--init_checkpoint={ref}"]
+    procs = start_two(tok, tmp_path / "two", *init)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    p = subprocess.run([sys.executable, "-m", "bert_jax.jobs.pretrain", *job_args(tok, tmp_path / "one", *init)],
+                       cwd=REPO, env=env(4), capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = lambda w: [json.loads(l) for l in (w / "metrics.jsonl").read_text().splitlines()]
+    two, one = rows(tmp_path / "two"), rows(tmp_path / "one")
+    assert two[0]["step"] == one[0]["step"] == 0
+    np.testing.assert_allclose(two[0]["eval_heldout_mlm_loss"], one[0]["eval_heldout_mlm_loss"], rtol=1e-5)
+    np.testing.assert_allclose([losses(tmp_path / "two")[s] for s in (1, 2)],
+                               [losses(tmp_path / "one")[s] for s in (1, 2)], rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant", ["bert-large", "albert-xxlarge"])
 def test_fsdp_splits_params_and_optimizer_state_eight_ways(variant):
     """On 8 devices with --mesh_fsdp=8, each device holds 1/8 of the params and Adam

@@ -37,8 +37,9 @@ def test_pretrain_flag_file_parses_and_validates(path):
     fv([sys.argv[0], f"--flagfile={path}", "--workdir=/tmp/unused"])
     opts = flags.read(PretrainOptions, fv)
     assert opts.corpus, f"{path.name}: no --corpus"
-    cfg = variant(opts.model.variant).replace(**opts.model.overrides())
-    cfg.check_sequence_length(opts.max_seq_length)
+    if not opts.init_checkpoint:  # else the checkpoint's config (checked when the run starts)
+        cfg = variant(opts.model.base_variant).replace(**opts.model.overrides())
+        cfg.check_sequence_length(opts.max_seq_length)
     assert opts.batch_size % opts.grad_accum == 0
     assert opts.optim.warmup_steps <= opts.train_steps
 

@@ -46,7 +46,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", PRETRAIN_FILES, ids=lambda p: p.stem)
-def test_pretrain_flag_file_runs(path, tmp_path, spiece, cache_dir, shared_data, monkeypatch):
+def test_pretrain_flag_file_runs(path, tmp_path, spiece, cache_dir, shared_data, tiny_bert, monkeypatch):
     monkeypatch.chdir(REPO)
     fv = absl_flags.FlagValues()
     flags.define(PretrainOptions, fv)
@@ -68,6 +68,8 @@ def test_pretrain_flag_file_runs(path, tmp_path, spiece, cache_dir, shared_data,
         assert fv.tokenizer.startswith("/data/")  # a placeholder for the released model
         fv.tokenizer = str(spiece)
         fv.embedding_size = 16
+    if fv.init_checkpoint:  # a model the file's header makes first (continued pretraining)
+        fv.init_checkpoint = str(tiny_bert)
     o = flags.read(PretrainOptions, fv)
     s = pretraining.run(o)
     assert s["step"] == fv.train_steps and np.isfinite(s["heldout"]["mlm_loss"]), s

@@ -266,16 +266,24 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None) -> tuple[M
     directory = storage.resolve(workdir / "checkpoints")
     if not directory.is_dir():
         raise CheckpointError(f"{directory} does not exist: {workdir} holds no checkpoint")
-    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                 item_names=("state", "data", "manifest"))
+    # Every process reads the whole checkpoint by itself onto its first device, whatever
+    # topology saved it: the sharding recorded at save names devices that another process
+    # count or mesh may not have, so the target is the saved shapes on that one device.
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True, multiprocessing_options=alone), item_names=("state", "data", "manifest"))
     step = mngr.latest_step() if step is None else step
     if step is None:
+        mngr.close()
         raise CheckpointError(f"{directory} holds no complete checkpoint")
     try:
-        # Restore onto this process's first device, whatever topology saved it.
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        saved = ocp.StandardCheckpointer(multiprocessing_options=alone).metadata(
+            directory / str(step) / "state").item_metadata
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), saved)
         out = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(fallback_sharding=one), manifest=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(target), manifest=ocp.args.JsonRestore()))
     except Exception as e:
         raise CheckpointError(f"checkpoint {directory / str(step)} cannot be restored: "
                               f"{type(e).__name__}: {e}") from e
