@@ -31,3 +31,40 @@ def inside(folder: str | pathlib.Path, name: str | pathlib.Path) -> pathlib.Path
     if not any(real == r or r in real.parents for r in allowed_roots(folder)):
         raise OutsideFolderError(f"{path} resolves to {real}, outside the folder {folder}; refusing to read it")
     return path
+
+
+class OverwritesInputError(BertJaxError, ValueError):
+    """An output path is one of the job's inputs, or lies inside an input folder."""
+
+
+def check_output(flag: str, output: str | pathlib.Path, **inputs) -> pathlib.Path:
+    """`output` as a path, after checking that it is none of `inputs` (flag name -> a file
+    or folder, or a list of files) and lies inside no input folder: a job never writes over
+    what it reads. Raises OverwritesInputError naming both flags."""
+    out = pathlib.Path(output).resolve()
+    for name, value in inputs.items():
+        for p in value if isinstance(value, (list, tuple)) else [value]:
+            if p is None or "://" in str(p):
+                continue
+            real = pathlib.Path(p).resolve()
+            if out == real or real in out.parents:
+                raise OverwritesInputError(f"{flag}={output} would write over --{name}={p}: choose another "
+                                           f"{flag} (a job never writes over one of its inputs)")
+    return pathlib.Path(output)
+
+
+def write_atomically(path: str | pathlib.Path, write) -> None:
+    """`write(tmp)` into a temporary file beside `path`, then renamed over it: a crash or an
+    error leaves the old file (or none), never half a file."""
+    import os
+    import tempfile
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(pathlib.Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from bert_jax import paths
 from bert_jax.data.tokenizer import Tokenizer, pad_batch
 from bert_jax.errors import BertJaxError
 
@@ -119,12 +120,14 @@ def _encode_mixed(tok: Tokenizer, texts, pairs, max_length):
 
 
 def main(o):
+    out = paths.check_output("--output", o.output, input=o.input, checkpoint=o.checkpoint)
     texts, pairs = read_inputs(o.input)
     feats = encode(o.checkpoint, texts, pairs, o.max_length, o.batch_size)
-    out = pathlib.Path(o.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "wb") as f:  # exactly this path (np.savez would add .npz to a name)
-        np.savez(f, **feats)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # exactly this path (np.savez would add .npz to a name)
+            np.savez(f, **feats)
+    paths.write_atomically(out, write)
     print(f"encode: {len(texts)} texts -> {out} ({', '.join(sorted(feats))}; "
           f"{feats['input_ids'].shape[1]} tokens per row, the longest input)")
 

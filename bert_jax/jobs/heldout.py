@@ -25,7 +25,7 @@ import tempfile
 import jax
 import numpy as np
 
-from bert_jax import flags
+from bert_jax import flags, paths
 from bert_jax.errors import BertJaxError
 from bert_jax.options import HeldoutOptions
 
@@ -94,9 +94,13 @@ def evaluate(o: HeldoutOptions) -> dict:
 
 
 def main(o: HeldoutOptions):
+    if o.out:  # checked before the work
+        from bert_jax.data import corpus
+        paths.check_output("--out", o.out, text=[str(f) for f in corpus.expand(o.text, "--text")],
+                           checkpoint=o.checkpoint)
     res = evaluate(o)
     if o.out:
-        pathlib.Path(o.out).write_text(json.dumps(res, indent=1))
+        paths.write_atomically(o.out, lambda tmp: tmp.write_text(json.dumps(res, indent=1)))
     print(json.dumps(res))
 
 

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
-import tempfile
 
 import jax
 
-from bert_jax import storage
+from bert_jax import paths, storage
 from bert_jax.data.tasks import TaskDataError
 from bert_jax.data.tokenizer import Tokenizer
 from bert_jax.errors import BertJaxError
@@ -57,6 +55,7 @@ def task_options(folder: pathlib.Path, o: PredictOptions) -> FinetuneOptions:
 
 
 def predict(o: PredictOptions) -> dict:
+    out_path = paths.check_output("--output", o.output, input=o.input, checkpoint=o.checkpoint)
     folder = storage.path(o.checkpoint)  # a local folder or a URI (gs://...)
     if not folder.is_dir():
         raise PredictError(f"--checkpoint={folder}: no such folder")
@@ -68,7 +67,6 @@ def predict(o: PredictOptions) -> dict:
                            f"--task={fo.task} ({task.model_task})")
     labels = convert.read_labels(folder) or []
     tok = Tokenizer.load(tok_dir)
-    out_path = pathlib.Path(o.output)
     if out_path.is_dir():
         raise PredictError(f"--output={out_path} is a folder; give a file name")
     if not pathlib.Path(o.input).is_file():
@@ -83,15 +81,7 @@ def predict(o: PredictOptions) -> dict:
     params = jax.device_put(params)
     outputs = run_model(lambda i, t, m: forward(params, i, t, m), feats, o.batch_size, fo.max_seq_length)
     preds = task.decode(outputs, feats, examples, labels)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.")
-    os.close(fd)
-    try:
-        task.write(pathlib.Path(tmp), examples, preds, labels)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    paths.write_atomically(out_path, lambda tmp: task.write(tmp, examples, preds, labels))
     return {"task": fo.task, "rows": len(examples), "features": len(feats), "output": str(out_path)}
 
 
