@@ -51,6 +51,11 @@ def _name_eq_path(items) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def _some_masked(p: float) -> None:
+    if not p > 0:  # a flag bound is inclusive: 0 passes it, and then nothing is ever predicted
+        raise ValueError(f"--masked_lm_prob={p}: must be above 0 (it is the fraction of tokens the MLM predicts)")
+
+
 # --------------------------------------------------------------------- shared ----
 @dataclasses.dataclass(frozen=True)
 class DistributedOptions:
@@ -160,7 +165,8 @@ OPTIMIZERS = ("adamw", "adamw_bert", "lamb")
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     optimizer: str = option("adamw", "Optimizer.", choices=OPTIMIZERS)
-    learning_rate: float = option(1e-4, "Peak learning rate.", resume=PHASE)
+    learning_rate: float = option(1e-4, "Peak learning rate (0: a frozen run, a useful probe).", lower=0.0,
+                                  resume=PHASE)
     warmup_steps: int = option(100, "Linear warmup steps.", lower=0, resume=PHASE)
     train_steps: int = internal(1000, "the job's step count")
     schedule_start: int = internal(0, "the step the schedule's warmup starts at (a phase with its own schedule)")
@@ -234,7 +240,7 @@ class PretrainOptions(RunOptions):
     max_seq_length: int = option(128, "Tokens per row (at least 8: [CLS] A [SEP] B [SEP] and room for text).", lower=8,
                                  resume=PHASE)
     max_predictions_per_seq: int = option(20, "Static number of MLM positions per row.", lower=1, resume=PHASE)
-    masked_lm_prob: float = option(0.15, "Fraction of tokens to predict.", lower=0.0, upper=1.0)
+    masked_lm_prob: float = option(0.15, "Fraction of tokens to predict, in (0, 1].", lower=0.0, upper=1.0)
     whole_word_masking: bool = option(False, "Mask all sub-tokens of a chosen word.")
     max_ngram: int = option(1, "ALBERT n-gram masking: spans of up to this many words (1 = off).", lower=1)
     static_masks: int = option(
@@ -262,6 +268,7 @@ class PretrainOptions(RunOptions):
     eval_batches: int = option(10, "Held-out batches per evaluation.", lower=1, resume=MAY_CHANGE)
 
     def __post_init__(self):
+        _some_masked(self.masked_lm_prob)
         if self.static_masks and self.instances != "prebuilt":
             raise ValueError(f"--static_masks={self.static_masks} fixes the masks of each instance, but "
                              f"--instances={self.instances} pairs the text anew every epoch: use --instances=prebuilt")
@@ -319,8 +326,8 @@ class FinetuneOptions(RunOptions):
     n_best: int = option(20, "QA: start/end candidates searched.", lower=1)
     null_threshold: float | None = option(None, "SQuAD v2.0: predict no answer when null beats best span by this.")
     batch_size: int = option(32, "Global batch size.", lower=1)
-    learning_rate: float = option(2e-5, "Peak learning rate.")
-    epochs: float = option(3.0, "Training epochs.")
+    learning_rate: float = option(2e-5, "Peak learning rate (0: a frozen run, a useful probe).", lower=0.0)
+    epochs: float = option(3.0, "Training epochs.", lower=1.0)
     warmup_proportion: float = option(0.1, "Fraction of steps of linear warmup.", lower=0.0, upper=1.0)
     weight_decay: float = option(0.01, "AdamW weight decay.")
     eval_every: int = option(0, "Steps between evaluations (0: at the end).", lower=0)
@@ -359,7 +366,7 @@ class HeldoutOptions:
     out: str | None = option(None, "Write the figures to this JSON file as well.")
     max_seq_length: int = option(128, "Tokens per row.", lower=8)
     max_predictions_per_seq: int = option(20, "MLM positions per row.", lower=1)
-    masked_lm_prob: float = option(0.15, "Fraction of tokens masked.", lower=0.0, upper=1.0)
+    masked_lm_prob: float = option(0.15, "Fraction of tokens masked, in (0, 1].", lower=0.0, upper=1.0)
     batch_size: int = option(32, "Rows per batch.", lower=1)
     batches: int = option(20, "Batches of each kind scored (MLM rows, NSP pairs, SOP pairs).", lower=1)
     seed: int = option(12345, "Seed of the rows, pairs and masks: keep it to compare checkpoints "
@@ -368,6 +375,9 @@ class HeldoutOptions:
                                     choices=("file", "blank_line"))
     cache_dir: str | None = option(None, "Tokenized-text cache, kept for the next run (default: a "
                                    "temporary folder, removed at the end).")
+
+    def __post_init__(self):
+        _some_masked(self.masked_lm_prob)
 
 
 # --------------------------------------------------------------------- encode ----

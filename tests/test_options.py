@@ -108,3 +108,25 @@ def test_every_error_class_is_a_bert_jax_error_and_jobs_print_it_without_a_trace
                        capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert f"finetune: error: --train_file={tmp_path}/none.txt: no such file" in r.stderr
+
+
+@pytest.mark.parametrize("cls,bad,name", [
+    (options.PretrainOptions, "--learning_rate=-1", "learning_rate"),
+    (options.FinetuneOptions, "--learning_rate=-1e-5", "learning_rate"),
+    (options.FinetuneOptions, "--epochs=0", "epochs"),
+    (options.FinetuneOptions, "--epochs=-1", "epochs"),
+    (options.PretrainOptions, "--masked_lm_prob=0", "masked_lm_prob"),
+    (options.HeldoutOptions, "--masked_lm_prob=0", "masked_lm_prob")])
+def test_nonsense_optimization_settings_are_refused_by_name(cls, bad, name):
+    """A negative learning rate trained to a held-out loss of 309, epochs=0 or -1 ran one
+    step, masked_lm_prob=0 failed late with a traceback: each is named at the flag layer
+    (a learning rate of 0 stays allowed: a frozen run is a useful probe)."""
+    fv = absl_flags.FlagValues()
+    flags.define(cls, fv, required=False)
+    with pytest.raises((absl_flags.IllegalFlagValueError, flags.FlagError), match=name):
+        fv([sys.argv[0], bad])
+        flags.read(cls, fv)
+    fv = absl_flags.FlagValues()
+    flags.define(cls, fv, required=False)
+    fv([sys.argv[0], "--learning_rate=0" if "learning_rate" in [f.flag for f in flags.fields(cls)] else "--seed=1"])
+    flags.read(cls, fv)
