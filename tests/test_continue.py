@@ -1,5 +1,6 @@
 """Pretraining that starts from a model: --init_checkpoint (Hugging Face folders of the
-three families, our folders) and the phases of one run (BERT's length 128 -> 512).
+three families, our folders) and the phases of one run (BERT's length 128 -> 512); and
+the folder a run may start in.
 
 The exactness tests compare the first step's loss with the loss transformers computes for
 the same batch and labels, so a head loaded into the wrong place, a tied decoder left
@@ -313,3 +314,17 @@ def test_restart_schedule_starts_at_the_phase():
     for step in (10, 15, 20, 60, 110):
         assert float(lr(step)) == pytest.approx(float(whole(step - 10)))
     assert float(lr(10)) == 0.0 and float(lr(20)) == pytest.approx(4e-3)
+
+
+@pytest.mark.parametrize("foreign", [["config.json"], ["flags.txt", "metrics.jsonl"], ["manifest.json"]])
+def test_a_folder_of_someone_else_is_refused_before_anything_is_written(foreign, tmp_path):
+    """A --workdir holding other files gave a TypeError after writing tokenizer/ (someone's
+    config.json), or had its flags.txt overwritten and metrics.jsonl appended to."""
+    wd = tmp_path / "theirs"
+    wd.mkdir()
+    for name in foreign:
+        (wd / name).write_text('{"architectures": ["Theirs"]}\n')
+    before = {p.name: p.read_bytes() for p in wd.iterdir()}
+    with pytest.raises(pretraining.PretrainError, match="holds no pretraining run of bert_jax.*" + foreign[0]):
+        pretraining.run(options(wd))
+    assert {p.name: p.read_bytes() for p in wd.iterdir()} == before

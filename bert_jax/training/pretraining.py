@@ -345,9 +345,38 @@ def run(o: PretrainOptions) -> dict:
                             "folder for the prepared corpus and the tokenizer's local copy")
     if o.cache_dir:
         storage.require_local(o.cache_dir, "--cache_dir", "the prepared corpus is memory-mapped")
+    check_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with ckpt_lib.WorkdirLock(workdir, "pretrain"):
         return _run(o, workdir)
+
+
+# What a workdir holds before a run's record (manifest.json) is written: its lock, what the
+# run prepared before it failed (tokenizer, corpus cache, compiled steps), launch.sh
+# --slurm's script folder and the sweep's log of the run.
+BEFORE_THE_RECORD = frozenset({".lock", "tokenizer", "cache", "compilation_cache", "slurm", "sweep.log"})
+
+
+def check_workdir(workdir) -> None:
+    """A --workdir is empty, new, or one of our pretraining runs: a folder holding other
+    files (someone's config.json, flags.txt, metrics.jsonl) is refused before anything is
+    written into it, naming them."""
+    if not workdir.is_dir():
+        return
+    record = workdir / "manifest.json"
+    if ckpt_lib.has_checkpoint(workdir):
+        return
+    if record.exists():
+        try:
+            if "options" in json.loads(record.read_text()):
+                return
+        except ValueError:
+            pass
+    foreign = sorted(p.name for p in workdir.iterdir() if p.name not in BEFORE_THE_RECORD)
+    if foreign:
+        raise PretrainError(f"--workdir={workdir} is not empty and holds no pretraining run of bert_jax (no "
+                            f"manifest.json of ours): {', '.join(foreign[:6])}{' ...' if len(foreign) > 6 else ''}; "
+                            "use a new or empty --workdir (nothing was written)")
 
 
 def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
