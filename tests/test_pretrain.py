@@ -529,3 +529,24 @@ def test_unlogged_steps_copy_nothing_to_the_host(tmp_path, monkeypatch, guarded_
     with pytest.raises(Exception, match="[Dd]isallowed device-to-host transfer"):
         pretraining.run(options(tmp_path / "leak", "--train_steps=8", "--log_every=4", "--eval_every=100",
                                 "--checkpoint_every=100", "--unlogged_transfers=disallow"))
+
+
+def test_a_run_whose_updates_were_all_skipped_is_no_success(tmp_path):
+    """--adam_eps=0: every update is non-finite and skipped; the run used to end with exit 0,
+    stopped_early false and an untrained best/. Now it is an error naming the count, the
+    flags to check and the last checkpoint with trained params (none here)."""
+    with pytest.raises(pretraining.PretrainError,
+                       match=r"8 of the 8 updates .* skipped.*--adam_eps=0.0.*trained params: none"):
+        pretraining.run(options(tmp_path, "--adam_eps=0"))
+
+
+def test_a_toy_vocabulary_is_refused(tmp_path):
+    """A one-line corpus trained a 7-token vocab.txt (500 asked) and pretrained on it."""
+    (tmp_path / "x.txt").write_text("x\n")
+    fv = absl_flags.FlagValues()
+    flags.define(PretrainOptions, fv)
+    fv([sys.argv[0], f"--flagfile={TINY}", f"--workdir={tmp_path / 'wd'}", f"--corpus={tmp_path / 'x.txt'}"])
+    with pytest.raises(pretraining.PretrainError, match=r"vocabulary of \d+ tokens, under a tenth of "
+                                                        r"--tokenizer_vocab_size=500"):
+        pretraining.run(flags.read(PretrainOptions, fv))
+    assert not (tmp_path / "wd" / "tokenizer").exists() and not (tmp_path / "wd" / "checkpoints").exists()

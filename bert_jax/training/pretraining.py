@@ -288,6 +288,11 @@ def _prepare_tokenizer(o: PretrainOptions, workdir, local_root: pathlib.Path,
         kind = FAMILY_KIND[variant(o.model.base_variant).family]
         logging.info("no --tokenizer: training a %s vocabulary of %d on --corpus", kind, o.tokenizer_vocab_size)
         tok = vocab.train(kind, o.corpus, o.tokenizer_vocab_size, local, lowercase=o.lowercase)
+        if tok.vocab_size * 10 < o.tokenizer_vocab_size:  # a toy vocabulary: the corpus is far too small
+            storage.rmtree(local)
+            raise PretrainError(f"--corpus={o.corpus} gives a vocabulary of {tok.vocab_size} tokens, under a tenth of "
+                                f"--tokenizer_vocab_size={o.tokenizer_vocab_size}: the corpus is too small to train "
+                                "a tokenizer on (give more text, a smaller --tokenizer_vocab_size, or --tokenizer)")
     if remote:
         storage.copy_tree(local, dest)
     return tok, local
@@ -480,6 +485,10 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
         log.eval(0, "heldout", ev)
         logging.info("held-out before training (--init_checkpoint=%s): %s", init.path, ev)
     last_saved, data_state_now = start, data_state
+    # The newest checkpoint whose params some finite update made (a skipped update leaves
+    # the state as it was): the one to name when the run stops on non-finite steps.
+    skipped_before = int(state.nonfinite_total)
+    last_trained = start if start > skipped_before else None
     in_flight = None
     try:
         with train.StopOnSigterm() as stop, jax.set_mesh(mesh):
@@ -504,7 +513,7 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
                     stop_here = saves = True
                 elif quiet:
                     continue
-                log.check(step, str(ckpt.dir / str(last_saved)) if last_saved else None)
+                log.check(step, str(ckpt.dir / str(last_trained)) if last_trained else None)
                 if logs:
                     log.train(step, lr_fn(step), nonfinite_total=int(state.nonfinite_total))
                 if evals:
@@ -520,6 +529,8 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
                 if saves:
                     ckpt.save(step, state, data_state_now, dict(manifest, best=best.score), force=stop.requested)
                     last_saved = step
+                    if step > int(state.nonfinite_total):
+                        last_trained = step
                 if stop.requested:
                     break
             if held and "heldout" not in summary:  # nothing left to train: still report
@@ -528,6 +539,13 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
         prefetch.close()
         ckpt.close()
         log.close()
+    ran, skipped = step - start, int(state.nonfinite_total) - skipped_before
+    if ran and 2 * skipped > ran:  # a run that did not train is no success
+        raise PretrainError(
+            f"{skipped} of the {ran} updates of this run were skipped (non-finite loss, gradient or updated params): "
+            f"the model did not train. Check --adam_eps={o.optim.eps} (0 divides by zero where a gradient is 0), "
+            f"--learning_rate={o.optim.learning_rate} and --max_grad_norm={o.optim.max_grad_norm}. Last checkpoint "
+            f"with trained params: {ckpt.dir / str(last_trained) if last_trained else 'none'}")
     summary.update(step=step, workdir=str(workdir), checkpoint=str(ckpt.dir / str(last_saved)),
                    metrics=str(log.path), stopped_early=stop.requested,
                    best={best_metric: best.score} if held else None)
