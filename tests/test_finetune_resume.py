@@ -16,6 +16,7 @@ import pytest
 
 from bert_jax.interop import convert
 from bert_jax.options import FinetuneOptions
+from bert_jax.training import finetuning
 from bert_jax.training.finetuning import Finetuner
 
 from test_finetune import head
@@ -60,6 +61,17 @@ def test_finetune_resumes_exactly(tiny_checkpoint, straight, tmp_path):
     s = Finetuner(_resume_options(tiny_checkpoint, train, tmp_path / "wd", stop_at_step=4)).run()
     assert s["stopped_early"] and s["step"] == 4 and sorted(_losses(tmp_path / "wd")) == [1, 2, 3, 4]
     assert not (tmp_path / "wd/results.json").exists()
+    # The train file replaced under the same path (labels flipped, rows dropped): used to
+    # resume with exit 0 on the new data and a new schedule; now named before any step.
+    good = train.read_bytes()
+    rows = good.decode().splitlines()
+    flipped = [rows[0]] + [r[:-1] + str(1 - int(r[-1])) for r in rows[1:40]]
+    train.write_text("\n".join(flipped) + "\n")
+    try:
+        with pytest.raises(finetuning.FinetuneError, match=f"--train_file={train} changed since this run started"):
+            Finetuner(_resume_options(tiny_checkpoint, train, tmp_path / "wd")).run()
+    finally:
+        train.write_bytes(good)
     Finetuner(_resume_options(tiny_checkpoint, train, tmp_path / "wd")).run()
     assert _losses(tmp_path / "wd") == _losses(ref) and len(_losses(ref)) == 8
     _assert_bit_identical(convert.load(tmp_path / "wd/best")[2], convert.load(ref / "best")[2])

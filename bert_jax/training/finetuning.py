@@ -302,6 +302,12 @@ class Finetuner:
                         init_checkpoint=str(o.init_checkpoint),
                         data=train.file_fingerprint([o.train_file] + [p for _, p in o.eval_files]),
                         devices=str(jax.devices()[:4]), process_count=jax.process_count())
+        if restored is not None:
+            try:
+                check_same_data(saved_manifest.get("data"), manifest["data"], o)
+            except FinetuneError:
+                ckpt.close()
+                raise
         if chief:  # the run record, as pretraining writes it
             (wd / "manifest.json").write_text(json.dumps(manifest, indent=1))
             if o.resolved_flags:
@@ -427,6 +433,17 @@ def check_workdir(wd: pathlib.Path, o: FinetuneOptions) -> dict | None:
             path.unlink()
     record.write_text(json.dumps(new, indent=1))
     return None
+
+
+def check_same_data(saved: dict | None, now: dict, o: FinetuneOptions) -> None:
+    """A resumed run trains and evaluates on the files it started with: a file whose bytes
+    changed (sha256 recorded in the checkpoint's manifest) is an error naming its flag."""
+    flag = {o.train_file: "--train_file", **{p: f"--eval_files={n}" for n, p in o.eval_files}}
+    changed = [f"{flag.get(p, p)}={p}" for p in now if saved and p in saved and saved[p] != now[p]]
+    if changed:
+        raise FinetuneError(f"{', '.join(changed)} changed since this run started in --workdir={o.workdir} (its "
+                            "sha256 differs from the one recorded at the start): a resumed run trains on the data it "
+                            "started with; put the file back, or use a new --workdir")
 
 
 def load_backbone(fresh: dict, source: dict, where: str) -> dict:
