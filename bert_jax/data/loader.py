@@ -37,6 +37,7 @@ class PipelineConfig:
     global_batch_size: int
     seed: int
     position_offset: int = 0       # first real position (RoBERTa: pad_id + 1)
+    type_vocab_size: int = 2       # 1 (RoBERTa): no segment-B type; pairs are told apart by </s></s>
     max_examples_per_row: int = 1  # > 1 packs several instances per row
     static_masks: int = 0          # K >= 1: masks keyed on (row, epoch % K), not the position
     num_threads: int = 4
@@ -154,6 +155,8 @@ class PretrainSource:
             positions[sl] = np.arange(n) + c.position_offset
             cls_pos[e], labels[e], label_w[e] = t, max(label, 0), float(label >= 0)  # -1: no label
             t += n
+        if c.type_vocab_size < 2:  # type id 1 would index past a one-row table (NaN, the update skipped)
+            types[:] = 0
         if c.static_masks:  # the same K masks of this row whatever the epoch (BERT's static masking)
             rng = masking.example_rng(c.seed, row_id * c.static_masks + epoch % c.static_masks)
         else:

@@ -76,7 +76,7 @@ def evaluate(o: HeldoutOptions) -> dict:
         if len(inst) == 0:
             raise HeldoutError(f"--text={o.text}: too little text to build {name.upper()} rows")
         pcfg = loader.PipelineConfig(o.max_seq_length, kind, o.batch_size, o.seed,
-                                     position_offset=cfg.position_offset)
+                                     position_offset=cfg.position_offset, type_vocab_size=cfg.type_vocab_size)
         src = loader.PretrainSource(tc, inst, pcfg, mcfg, specials, tok.vocab_size)
         obj, sums = objectives.get(objective), {}
         for b in range(o.batches):

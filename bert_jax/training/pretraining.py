@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from flax import linen as nn
 
 from bert_jax import options, storage
 from bert_jax.data import cache, corpus, instances, loader, masking
@@ -136,7 +135,7 @@ def load_init(o: PretrainOptions) -> InitCheckpoint:
         raise PretrainError(f"--init_checkpoint={where} carries no tokenizer (vocab.txt, vocab.json + merges.txt, "
                             "spiece.model or tokenizer.json): a model is continued with the tokenizer it was trained with")
     m = o.model
-    if m.variant is not None:
+    if m.variant:
         v = variant(m.variant)
         if v.family != cfg.family:
             raise PretrainError(f"--variant={m.variant} is a {v.family} model, but --init_checkpoint={where} is a "
@@ -199,8 +198,7 @@ def merge_init(params, init: InitCheckpoint, cfg: ModelConfig):
         elif top in src and (top == "mlm" or same_sentence):
             out[top] = _placed(src[top], sub, where, top)
         else:
-            fresh.append({"mlm": "MLM head", "sentence": f"{cfg.pretraining_objective.sentence_task.upper()} head"
-                          if top == "sentence" else top}.get(top, top))
+            fresh.append("MLM head" if top == "mlm" else f"{cfg.pretraining_objective.sentence_task.upper()} head")
             out[top] = sub
     if fresh:
         logging.warning("--init_checkpoint=%s (a %s %s model) has no %s for --objective=%s: %s start%s from a "
@@ -315,7 +313,7 @@ def make_source(o: PretrainOptions, cfg: ModelConfig, tok: Tokenizer, tok_dir, c
     inst = instances.OnTheFly(tc, icfg, seed) if o.instances == "on_the_fly" else instances.build(tc, icfg, seed)
     pcfg = loader.PipelineConfig(max_seq_length=o.max_seq_length, objective=objective.instance_kind,
                                  global_batch_size=o.batch_size, seed=seed,
-                                 position_offset=cfg.position_offset,
+                                 position_offset=cfg.position_offset, type_vocab_size=cfg.type_vocab_size,
                                  max_examples_per_row=o.max_examples_per_row, static_masks=o.static_masks)
     mcfg = masking.MaskingConfig(o.masked_lm_prob, o.max_predictions_per_seq,
                                  o.whole_word_masking, o.max_ngram)
