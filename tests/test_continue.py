@@ -328,3 +328,31 @@ def test_a_folder_of_someone_else_is_refused_before_anything_is_written(foreign,
     with pytest.raises(pretraining.PretrainError, match="holds no pretraining run of bert_jax.*" + foreign[0]):
         pretraining.run(options(wd))
     assert {p.name: p.read_bytes() for p in wd.iterdir()} == before
+
+
+def test_a_resumed_run_refuses_a_changed_corpus(tok_dir, tmp_path):
+    """Another book under the same path, or a same-size edit (mtime not restored), or a
+    file gone from the glob: a resumed run used to build a new cache and train on the new
+    text with exit 0. Each is named before anything is prepared; a file only touched (same
+    bytes, new mtime) resumes; a new --phase may change the corpus."""
+    books = tmp_path / "books"
+    books.mkdir()
+    for name in ("shakespeare-macbeth.txt", "shakespeare-caesar.txt"):
+        (books / name).write_bytes((BOOKS / "train" / name).read_bytes())
+    run = lambda *extra: pretraining.run(options(tmp_path / "wd", f"--tokenizer={tok_dir}",
+                                                 f"--corpus={books}/*.txt", "--train_steps=12", *extra))
+    run("--stop_at_step=4")
+    macbeth = books / "shakespeare-macbeth.txt"
+    good = macbeth.read_bytes()
+    macbeth.write_bytes((BOOKS / "train" / "chesterton-brown.txt").read_bytes())
+    with pytest.raises(pretraining.PretrainError, match=r"not the text its run started with: .*macbeth.txt changed"):
+        run("--stop_at_step=6")
+    macbeth.write_bytes(good.replace(b"Macbeth", b"Macduff"))  # the same size
+    with pytest.raises(pretraining.PretrainError, match=r"macbeth.txt changed \(\d+ -> \d+ bytes"):
+        run("--stop_at_step=6")
+    macbeth.write_bytes(good)  # the same bytes, a new mtime: the same run
+    assert run("--stop_at_step=6")["step"] == 6
+    (books / "extra.txt").write_text("More text.\n")
+    with pytest.raises(pretraining.PretrainError, match="extra.txt was added"):
+        run("--stop_at_step=8")
+    assert run("--stop_at_step=8", "--phase=2")["step"] == 8  # a new phase may read new text

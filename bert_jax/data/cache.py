@@ -64,6 +64,8 @@ class TokenizedCorpus:
     sentences: np.ndarray
     documents: np.ndarray
     doc_starts: np.ndarray | None = None
+    # What was read: {path, size, mtime_ns, sha256} per file (None: prepared before they were kept).
+    sources: list[dict] | None = None
 
     @property
     def num_documents(self) -> int:
@@ -150,6 +152,7 @@ def _tokenize_file(args) -> dict:
     files. Written to a temporary folder and renamed when complete. Returns its counts."""
     path, tokenizer_dir, document_boundary, splitter, out = args
     out = pathlib.Path(out)
+    source = file_record(path)  # in the parallel pass: a resumed run compares it, never rehashing all
     tok = _tokenizer(tokenizer_dir)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     fh = {k: open(tmp / f"{k}.bin", "wb") for k in _PART_FILES}
@@ -200,7 +203,7 @@ def _tokenize_file(args) -> dict:
         for f in fh.values():
             f.close()
     counts["chars"] = chars
-    (tmp / "meta.json").write_text(json.dumps(dict(file=str(path), **counts)))
+    (tmp / "meta.json").write_text(json.dumps(dict(file=str(path), source=source, **counts)))
     try:
         os.replace(tmp, out)  # atomic; a concurrent writer of the same part may have won
     except OSError:
@@ -285,7 +288,8 @@ def merge_parts(files: Sequence[pathlib.Path], folder: pathlib.Path, vocab_size:
         os.replace(tmp_dir / f"{k}.bin", folder / f"{k}.bin")
     index = dict(format=FORMAT_VERSION, tokens=t_off, sentences=s_off,
                  documents=sum(m["document_sentences"] for m in metas), token_dtype=np.dtype(token_dtype).name,
-                 files=[str(f) for f in files], chars=sum(m["chars"] for m in metas))
+                 files=[str(f) for f in files], chars=sum(m["chars"] for m in metas),
+                 sources=[m.get("source") for m in metas])
     (tmp_dir / "index.json").write_text(json.dumps(index))
     os.replace(tmp_dir / "index.json", folder / "index.json")
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -403,4 +407,35 @@ def load(folder: pathlib.Path) -> TokenizedCorpus:
         else:
             arrays[k] = np.memmap(path, dtypes[k], "r", shape=(n[k],))
             arrays[k]._mmap.madvise(mmap.MADV_RANDOM)
-    return TokenizedCorpus(**arrays)
+    sources = index.get("sources")
+    return TokenizedCorpus(**arrays, sources=sources if sources and all(sources) else None)
+
+
+def file_record(path) -> dict:
+    """{path, size, mtime_ns, sha256} of a corpus file: what a run read (sha256 of its bytes,
+    streamed)."""
+    size, mtime = storage.size_and_mtime(path)
+    h = hashlib.sha256()
+    with storage.path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return dict(path=os.fspath(storage.resolve(path)), size=size, mtime_ns=mtime, sha256=h.hexdigest())
+
+
+def changed_sources(saved: list[dict], files: Sequence[pathlib.Path]) -> list[str]:
+    """How `files` differ from the `saved` records (file_record): files added or gone, and
+    files whose size or modification time changed and whose bytes (hashed now) are not
+    the recorded ones. A file edited in place to the same size with its modification time
+    set back is not seen: that would need every start to hash the whole corpus."""
+    now = {os.fspath(storage.resolve(f)): f for f in files}
+    old = {r["path"]: r for r in saved}
+    out = [f"{p} was added" for p in sorted(set(now) - set(old))]
+    out += [f"{p} is gone" for p in sorted(set(old) - set(now))]
+    for p in sorted(set(now) & set(old)):
+        size, mtime = storage.size_and_mtime(now[p])
+        if (size, mtime) == (old[p]["size"], old[p]["mtime_ns"]):
+            continue
+        sha = file_record(now[p])["sha256"]  # touched but the same bytes is no change
+        if sha != old[p]["sha256"]:
+            out.append(f"{p} changed ({old[p]['size']} -> {size} bytes, sha256 {old[p]['sha256'][:12]} -> {sha[:12]})")
+    return out

@@ -85,6 +85,25 @@ def check_resume(o: PretrainOptions, manifest: dict, tok: Tokenizer, where: path
     return new_phase
 
 
+def check_same_corpus(o: PretrainOptions, workdir) -> None:
+    """A resumed run trains on the text it started with: --corpus files added, gone, or
+    changed since (cache.changed_sources, against the manifest's record of each file) are
+    an error naming them, before anything is prepared. A new --phase may change the corpus
+    (its manifest records the new one)."""
+    record = workdir / "manifest.json"
+    if not record.exists():
+        return
+    saved = json.loads(record.read_text())
+    if o.phase > saved.get("phase", 1) or not saved.get("corpus"):
+        return
+    changes = cache.changed_sources(saved["corpus"], corpus.expand(o.corpus, "--corpus"))
+    if changes:
+        raise PretrainError(f"--corpus of --workdir={o.workdir} is not the text its run started with: "
+                            + "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+                            + ". A resumed run trains on the data it started with: put the files back, or use a new "
+                            "--workdir (or a new --phase, which may change the corpus)")
+
+
 def phase_seed(seed: int, phase: int) -> int:
     """The data seed of a phase: --seed in phase 1; a different stream in each later phase
     (rows, pairs and masks drawn anew for the new length)."""
@@ -392,6 +411,8 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     if o.phase > 1 and not resuming:
         raise PretrainError(f"--phase={o.phase} continues a run, but --workdir={o.workdir} holds no checkpoint: "
                             f"run phase {o.phase - 1} there first (a phase starts from the one before)")
+    if resuming:
+        check_same_corpus(o, workdir)
     # A run from a checkpoint loads it once, at its start; resumed, it continues from its own.
     init = load_init(o) if o.init_checkpoint and not resuming else None
     tok, tok_dir = prepare_tokenizer(o, workdir, cache_dir, init)
@@ -456,7 +477,7 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     manifest = dict(flags=o.resolved_flags, options=flag_record(o), git_revision=ckpt_lib.git_revision(),
                     tokenizer_fingerprint=tok.fingerprint(), packages=ckpt_lib.package_versions(),
                     model_config=dataclasses.asdict(cfg), devices=str(jax.devices()[:4]),
-                    process_count=jax.process_count(), phase=o.phase, phases=phases,
+                    process_count=jax.process_count(), phase=o.phase, phases=phases, corpus=src.corpus.sources,
                     init_checkpoint=saved_manifest.get("init_checkpoint") if restored is not None else (
                         None if init is None else dict(path=str(init.path), task=init.task, family=init.cfg.family)))
     if chief:
