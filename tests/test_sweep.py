@@ -70,6 +70,9 @@ def test_a_failing_configuration_is_listed_and_the_others_finish(tmp_path):
     ("hidden_sise=32,64", "'hidden_sise' is not a flag of pretrain"),
     ("hidden_size=32,,64", "has an empty value"),
     ("seed=1,2", "set by the sweep"),
+    ("num_hidden_layers=1 2", "'1 2' is not a value of --num_hidden_layers"),
+    ("objective=mlm,nsp", "'nsp' is not a value of --objective"),
+    ("hidden_size=32,32", "names a value twice"),
 ])
 def test_bad_grid_is_refused_before_any_run(grid, message, tmp_path):
     with pytest.raises(sweep_lib.SweepError, match=message):
@@ -135,3 +138,54 @@ def test_a_finetuning_sweep_is_grouped_by_the_whole_pretraining_configuration(tm
     assert got == {"embedding_size=128,share_scope=all": (2, 0.05), "embedding_size=128,share_scope=none": (2, 0.25),
                    "embedding_size=256,share_scope=all": (2, 0.45), "embedding_size=256,share_scope=none": (2, 0.65)}
     assert "| embedding_size=256,share_scope=none | 2 |" in (tmp_path / "out/sweep.md").read_text()
+
+
+def test_configurations_never_share_a_folder(tmp_path):
+    """x/y.txt and x_y.txt read the same once / becomes _: the second configuration used to
+    'finish' by resuming the first's checkpoint and overwrite its sweep_done.json. Names
+    that collide carry a hash of the exact values; a folder of other values is refused; an
+    --out that is a file is named."""
+    o = SweepOptions(job="pretrain", base=str(TINY), out=str(tmp_path / "s"),
+                     grid=f"heldout_corpus={tmp_path}/x/y.txt,{tmp_path}/x_y.txt;hidden_size=32,48")
+    runs, _ = sweep_lib.plan(o)
+    assert len({r.workdir for r in runs}) == len(runs) == 4
+    assert sum("#" in r.name for r in runs) == 4  # each pair collided, hidden_size apart
+    assert all("#" not in r.name for r in sweep_lib.plan(SweepOptions(
+        job="pretrain", base=str(TINY), out=str(tmp_path / "t"), grid="hidden_size=32,48"))[0])
+    runs[0].workdir.mkdir(parents=True)
+    (runs[0].workdir / sweep_lib.DONE).write_text(json.dumps(dict(values=dict(runs[1].values))))
+    with pytest.raises(sweep_lib.SweepError, match="holds a run of other values"):
+        sweep_lib.plan(o)
+    (tmp_path / "f").write_text("")
+    with pytest.raises(sweep_lib.SweepError, match="--out=.*/f is a file"):
+        sweep_lib.plan(SweepOptions(job="pretrain", base=str(TINY), out=str(tmp_path / "f")))
+
+
+def test_a_killed_sweep_takes_its_run_with_it(tmp_path):
+    """SIGKILL to the sweep launcher used to leave its run training (and an immediate rerun
+    found that run's workdir locked and marked it failed): the run now dies with it."""
+    import signal
+    import time
+    launcher = subprocess.Popen([sys.executable, "-m", "bert_jax.jobs.sweep", "--job=pretrain", f"--base={TINY}",
+                                 "--grid=train_steps=1000", f"--out={tmp_path / 's'}"], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def children():
+        out = []
+        for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            if int(fields[1]) == launcher.pid:  # the parent's pid
+                out.append(int(stat.parent.name))
+        return out
+    deadline = time.time() + 120
+    while time.time() < deadline and not children():
+        time.sleep(0.05)
+    child = children()[0]
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and pathlib.Path(f"/proc/{child}").exists():
+        time.sleep(0.05)
+    assert not pathlib.Path(f"/proc/{child}").exists(), "the run outlived its sweep"

@@ -5,9 +5,13 @@
 
 A sweep file is a flag file of these flags (experiments/ablations/*.flags). Every run is
 `python -m bert_jax.jobs.<job> --flagfile=BASE --FLAG=VALUE ... --seed=S --workdir=OUT/NAME`,
-NAME naming the varied values (`embedding_size=64,share_scope=all,seed=0`), its output in
-OUT/NAME/sweep.log. Everything is checked before the first run: every grid flag is one of
-the job's, no value is empty, and OUT holds no runs of another sweep (OUT/sweep.json records
+NAME naming the varied values (`embedding_size=64,share_scope=all,seed=0`; where two
+configurations would read the same, e.g. paths x/y.txt and x_y.txt, each name ends in `#`
+and a hash of its exact values), its output in OUT/NAME/sweep.log; a run dies with the
+sweep that started it. Everything is checked before the first run: every grid flag is one
+of the job's and every value parses as that flag's (bounds and choices included), no value
+is empty or repeated, no run folder holds a run of other values, and OUT holds no runs of
+another sweep (OUT/sweep.json records
 the job, base file and its sha256, grid and seeds). Runs already finished
 (OUT/NAME/sweep_done.json) are skipped, so rerunning the sweep resumes it; a failed run is
 recorded (sweep_failed.json, with its exit status and last lines) and the others go on;
@@ -74,6 +78,13 @@ def parse_grid(grid: str, job: str) -> list[tuple[str, list[str]]]:
         vals = [v.strip() for v in values.split(",")]
         if any(not v for v in vals):
             raise SweepError(f"--grid: {name}={values!r} has an empty value")
+        for v in vals:  # every value as the job's own flag parser reads it, before any run
+            try:
+                fv[name].parser.parse(v)
+            except (ValueError, absl_flags.Error) as e:
+                raise SweepError(f"--grid: {name}={v!r} is not a value of --{name} ({e})") from None
+        if len(set(vals)) < len(vals):
+            raise SweepError(f"--grid: {name}={values!r} names a value twice")
         if any(n == name for n, _ in out):
             raise SweepError(f"--grid: {name!r} appears twice")
         out.append((name, vals))
@@ -106,14 +117,19 @@ def plan(o: SweepOptions) -> tuple[list[Run], dict]:
     if not seeds or any(not s.lstrip("-").isdigit() for s in seeds):
         raise SweepError(f"--seeds={','.join(o.seeds)}: integers, e.g. 0,1,2")
     out = pathlib.Path(o.out)
-    runs = []
+    if out.exists() and not out.is_dir():
+        raise SweepError(f"--out={out} is a file: give a folder")
+    configs = []
     for combo in itertools.product(*(v for _, v in grid)):
         values = [(n, v) for (n, _), v in zip(grid, combo)]
         for seed in seeds:
             shown = [(n, pathlib.Path(v).parent.name if n == "init_checkpoint" and pathlib.Path(v).name == "best"
                       else pathlib.Path(v).name if n == "init_checkpoint" else v) for n, v in values]
             name = ",".join(f"{'init' if n == 'init_checkpoint' else n}={v}" for n, v in shown + [("seed", seed)])
-            runs.append(Run(name.replace("/", "_"), tuple(values) + (("seed", seed),), out / name.replace("/", "_")))
+            configs.append((name.replace("/", "_"), tuple(values) + (("seed", seed),)))
+    runs = [Run(name, values, out / name) for name, values in unique_names(configs)]
+    for run in runs:
+        check_run_folder(run)
     record = dict(job=o.job, base=str(base.resolve()), base_sha256=hashlib.sha256(base.read_bytes()).hexdigest(),
                   grid=[[n, v] for n, v in grid], seeds=seeds)
     old = out / RECORD
@@ -128,13 +144,51 @@ def plan(o: SweepOptions) -> tuple[list[Run], dict]:
     return runs, record
 
 
+def unique_names(configs: list[tuple[str, tuple]]) -> list[tuple[str, tuple]]:
+    """Each configuration's folder name: the readable one, plus a short hash of the exact
+    values where two configurations read the same (paths x/y.txt and x_y.txt both read
+    x_y.txt: they used to share one workdir, the second resuming the first's checkpoint)."""
+    count: dict[str, int] = {}
+    for name, _ in configs:
+        count[name] = count.get(name, 0) + 1
+    out = [(name if count[name] == 1 else
+            f"{name}#{hashlib.sha256(json.dumps(values).encode()).hexdigest()[:8]}", values)
+           for name, values in configs]
+    assert len({n for n, _ in out}) == len(out), "configurations are distinct: their hashes are"
+    return out
+
+
+def check_run_folder(run: Run) -> None:
+    """A run's folder holds this configuration's run or none: one that recorded other values
+    (a sweep of an older naming, a folder made by hand) is refused before any run."""
+    for record in (DONE, FAILED):
+        path = run.workdir / record
+        if path.exists():
+            values = json.loads(path.read_text()).get("values")
+            if values is not None and values != dict(run.values):
+                raise SweepError(f"{run.workdir} holds a run of other values ({values}, in {record}), not "
+                                 f"{dict(run.values)}: move it away or use another --out")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: the kernel kills it when the sweep launcher dies (a
+    SIGKILLed sweep used to leave its run training, and its rerun found that run's
+    workdir locked and marked it failed)."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: no parent-death signal
+        pass
+
+
 def execute(run: Run, job: str, base: str) -> tuple[Run, int, float]:
     run.workdir.mkdir(parents=True, exist_ok=True)
     (run.workdir / FAILED).unlink(missing_ok=True)
     t0 = time.time()
     with open(run.workdir / LOG, "a") as log:
         rc = subprocess.run(run.command(job, base), stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ)).returncode
+                            env=dict(os.environ), preexec_fn=_die_with_parent).returncode
     wall = time.time() - t0
     if rc == 0:
         (run.workdir / DONE).write_text(json.dumps(dict(values=dict(run.values), wall_s=round(wall, 1))))
