@@ -242,7 +242,7 @@ def prepare_parts(files: Sequence[pathlib.Path], tokenizer_dir, folder: pathlib.
                  process_index, process_count, len(jobs), chars / 1e6, dt, chars / 1e6 / max(dt, 1e-9), workers)
 
 
-_COPY_ITEMS = 1 << 24
+_COPY_ITEMS = 1 << 20  # items per copy when merging parts: 4 MB of int32, whatever the corpus
 
 
 def merge_parts(files: Sequence[pathlib.Path], folder: pathlib.Path, vocab_size: int) -> None:
@@ -297,9 +297,11 @@ def merge_parts(files: Sequence[pathlib.Path], folder: pathlib.Path, vocab_size:
 
 
 def _chunks(path: pathlib.Path, dtype, n: int) -> Iterator[np.ndarray]:
-    m = np.memmap(path, dtype, "r", shape=(n,)) if n else np.zeros(0, dtype)
+    """The `n` items of a part file in reads of _COPY_ITEMS (read, not memory-mapped: mapped
+    pages stay resident, so a mapping grew the process by the size of the corpus)."""
+    size = np.dtype(dtype).itemsize
     for s in range(0, n, _COPY_ITEMS):
-        yield np.asarray(m[s:s + _COPY_ITEMS])
+        yield np.fromfile(path, dtype, count=min(_COPY_ITEMS, n - s), offset=s * size)
 
 
 def folder_for(files: Sequence[pathlib.Path], tokenizer: Tokenizer, cache_dir, document_boundary: str,
