@@ -88,6 +88,12 @@ fi
 if (( slurm )); then
   [[ $nodes =~ ^[1-9][0-9]*$ ]] || { echo "launch.sh: --nodes=$nodes: a positive number" >&2; exit 2; }
   [[ -z $gpus || $gpus =~ ^[1-9][0-9]*$ ]] || { echo "launch.sh: --gpus_per_node=$gpus: a positive number" >&2; exit 2; }
+  # Each goes into an #SBATCH line: a newline or a space would write other lines into the script.
+  [[ -z $time || $time =~ ^[0-9]+(-[0-9]+)?(:[0-9]+){0,2}$ ]] || {
+    echo "launch.sh: --time=$time: SLURM's [D-]HH:MM:SS, e.g. 04:00:00" >&2; exit 2; }
+  for v in "partition=$partition" "account=$account"; do
+    [[ ${v#*=} =~ ^[A-Za-z0-9_.,-]*$ ]] || { echo "launch.sh: --${v%%=*}=${v#*=}: letters, digits and _ . , - only" >&2; exit 2; }
+  done
   # The script lives in the job's output folder (--workdir, else --out), so it is kept with the run.
   # A workdir on an object store (gs://...) cannot hold them: they go into --cache_dir then.
   out="" cache=""
@@ -136,6 +142,7 @@ if [[ -n $tpu ]]; then
   if (( dry_run )); then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
   exec "${cmd[@]}"
 fi
+[[ $procs =~ ^[1-9][0-9]*$ ]] || { echo "launch.sh: --procs=$procs: a positive number" >&2; exit 2; }
 if (( procs > 1 )); then
   port=$(( 20000 + RANDOM % 20000 ))
   echo "+ $procs x python -m bert_jax.jobs.$job $* --coordinator_address=localhost:$port --num_processes=$procs --process_id=I" >&2

@@ -156,7 +156,8 @@ PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "heartbeat
 
 
 def exit_multiprocess(e: BaseException) -> None:
-    """In a multi-process job, an error ends this process now with a clear message, without
+    """In a multi-process job, an error ends this process now with a clear message (bad
+    input, a BertJaxError, without a traceback, as in a single process), without
     JAX's shutdown barrier (which waits for every process: a dead one makes it wait out the
     heartbeat timeout, then abort). Checkpoints already complete stay valid; one being
     written is left incomplete, and a restart ignores it."""
@@ -167,6 +168,8 @@ def exit_multiprocess(e: BaseException) -> None:
         msg = (f"{job}: error: process {jax.process_index()} of {jax.process_count()} lost contact with another "
                f"process (it died or was killed); stopping. Rerun the same command to resume from the last "
                f"complete checkpoint. ({text.splitlines()[0][:300]})")
+    elif isinstance(e, BertJaxError):  # bad input: the message says what
+        msg = f"{job}: error: {e}"
     else:
         import traceback
         traceback.print_exception(e)

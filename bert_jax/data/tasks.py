@@ -222,12 +222,22 @@ def read_squad(path: str | pathlib.Path, training: bool = False, *,
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise TaskDataError(f"{path}: not SQuAD JSON ({e})") from None
     out, skipped, realigned = [], 0, 0
-    for article in data:
-        for para in article.get("paragraphs", []) if isinstance(article, dict) else []:
+    for a_i, article in enumerate(data):
+        for p_i, para in enumerate(article.get("paragraphs", []) if isinstance(article, dict) else []):
+            where = f"{path}: data[{a_i}].paragraphs[{p_i}]"
+            if not isinstance(para, dict) or not isinstance(para.get("context"), str):
+                raise TaskDataError(f"{where}: no 'context' string (SQuAD paragraphs are "
+                                    '{"context": ..., "qas": [...]})')
             ctx = para["context"]
-            for qa in para["qas"]:
-                answers = [a["text"] for a in qa.get("answers", [])]
-                start = qa["answers"][0]["answer_start"] if answers else None
+            for q_i, qa in enumerate(para.get("qas", [])):
+                if not isinstance(qa, dict) or not all(isinstance(qa.get(k), str) for k in ("id", "question")):
+                    raise TaskDataError(f"{where}.qas[{q_i}]: needs an 'id' and a 'question' string")
+                try:
+                    answers = [a["text"] for a in qa.get("answers", [])]
+                    start = int(qa["answers"][0]["answer_start"]) if answers else None
+                except (KeyError, TypeError, ValueError) as e:
+                    raise TaskDataError(f"{where}.qas[{q_i}] (id {qa['id']}): answers need 'text' and "
+                                        f"'answer_start' ({type(e).__name__}: {e})") from None
                 if qa.get("is_impossible"):
                     answers, start = [], None
                 if training and answers and ctx[start:start + len(answers[0])] != answers[0]:

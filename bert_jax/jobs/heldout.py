@@ -72,7 +72,10 @@ def evaluate(o: HeldoutOptions) -> dict:
     for name, (kind, objective) in KINDS.items():
         if name != "mlm" and not has_head:
             continue
-        inst = instances.build(tc, instances.InstanceConfig(o.max_seq_length, kind, 0.1), o.seed)
+        try:
+            inst = instances.build(tc, instances.InstanceConfig(o.max_seq_length, kind, 0.1), o.seed)
+        except ValueError as e:  # the text holds less than one row
+            raise HeldoutError(f"--text={o.text}: too little text to build {name.upper()} rows ({e})") from None
         if len(inst) == 0:
             raise HeldoutError(f"--text={o.text}: too little text to build {name.upper()} rows")
         pcfg = loader.PipelineConfig(o.max_seq_length, kind, o.batch_size, o.seed,

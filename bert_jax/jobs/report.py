@@ -29,9 +29,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive back end)
 
+from absl import logging  # noqa: E402
+
+from bert_jax.errors import BertJaxError  # noqa: E402
 from bert_jax.options import ReportOptions  # noqa: E402
 
 NAN = float("nan")
+
+
+class ReportError(BertJaxError, ValueError):
+    """--runs names nothing to report; the message says what."""
 
 
 def read_metrics(path: pathlib.Path) -> tuple[list[dict], list[dict]]:
@@ -40,10 +47,15 @@ def read_metrics(path: pathlib.Path) -> tuple[list[dict], list[dict]]:
     step; evaluations are eval_<set>_<metric> (runlog.py; logs written before that schema
     named pretraining's held-out figures heldout_*, read as eval_heldout_*)."""
     train, evals = {}, {}
-    for line in path.read_text().splitlines():
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
-        r = json.loads(line)
+        try:
+            r = json.loads(line)
+            r["step"]
+        except (ValueError, KeyError, TypeError):  # a crashed run's log often ends in half a line
+            logging.warning("%s:%d: not a metrics record (%r); skipped", path, i, line[:80])
+            continue
         scores = {("eval_" + k if k.startswith("heldout_") else k): v for k, v in r.items()
                   if k.startswith(("heldout_", "eval_"))}
         if scores:
@@ -261,6 +273,10 @@ def _plot_sweep(runs: pathlib.Path, groups: dict, varied: list[str], out: pathli
 
 def main(o: ReportOptions):
     runs, out = pathlib.Path(o.runs), pathlib.Path(o.out)
+    if not runs.is_dir():
+        raise ReportError(f"--runs={runs}: no such folder")
+    if not any(runs.rglob("metrics.jsonl")):
+        raise ReportError(f"--runs={runs} holds no run (no metrics.jsonl under it)")
     rows = report(runs, out)
     print(f"report: {len(rows)} runs -> {out / 'report.md'}")
     if (runs / "sweep.json").exists():
