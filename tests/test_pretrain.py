@@ -550,3 +550,13 @@ def test_a_toy_vocabulary_is_refused(tmp_path):
                                                         r"--tokenizer_vocab_size=500"):
         pretraining.run(flags.read(PretrainOptions, fv))
     assert not (tmp_path / "wd" / "tokenizer").exists() and not (tmp_path / "wd" / "checkpoints").exists()
+
+
+def test_logged_learning_rate_is_the_rate_of_that_steps_update(reference):
+    """Both loops log the rate the step's update applied (optax's count is the step - 1);
+    pretraining used to log the next update's (fine-tuning the applied one)."""
+    from bert_jax.training import optim
+    lr = optim.schedule(optim.OptimConfig(learning_rate=1e-3, warmup_steps=2, train_steps=8))
+    rows = [json.loads(l) for l in (reference / "metrics.jsonl").read_text().splitlines()]
+    got = {r["step"]: r["learning_rate"] for r in rows if "learning_rate" in r}
+    assert got[1] == 0.0 and got == pytest.approx({s: float(lr(s - 1)) for s in range(1, 9)})

@@ -314,7 +314,7 @@ class Finetuner:
                 (wd / "flags.txt").write_text(o.resolved_flags)
         lr_fn = optim.schedule(self.optim_config())
         log = runlog.RunLog(wd, total=total, start=start, desc=f"finetune {o.task}", progress_bar=o.progress_bar,
-                            max_nonfinite_streak=o.max_nonfinite_streak)
+                            max_nonfinite_streak=o.max_nonfinite_streak, lr_fn=lr_fn)
         order = batch_order(n, o.batch_size, total, o.seed)
         for _ in range(start):  # the data order continues where the checkpoint left it
             next(order)
@@ -342,7 +342,7 @@ class Finetuner:
                         continue
                     log.check(s, str(ckpt.dir / str(last_saved)) if last_saved else None)
                     if logs:
-                        log.train(s, lr_fn(s - 1), nonfinite_total=int(state.nonfinite_total))  # optax counts from 0
+                        log.train(s, nonfinite_total=int(state.nonfinite_total))
                     if evaluate_now:
                         ex, feats = self.inputs.evals[self.select_on]
                         res, preds = evaluate(task, self.apply(state.params), ex, feats, self.labels, self.eval_batch)

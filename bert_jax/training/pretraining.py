@@ -497,7 +497,7 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     eval_fn = train.make_eval_step(cfg)
     prefetch = loader.DevicePrefetcher(it, batch_sh, o.batch_size)
     log = runlog.RunLog(workdir, total=o.train_steps, start=start, desc="pretrain", progress_bar=o.progress_bar,
-                        max_nonfinite_streak=o.max_nonfinite_streak, figures=objective.figures)
+                        max_nonfinite_streak=o.max_nonfinite_streak, lr_fn=lr_fn, figures=objective.figures)
     summary: dict[str, Any] = {}
     if init is not None and held is not None:  # where the continued run starts from, as step 0
         summary["heldout_at_init"] = ev = evaluate(eval_fn, state.params, held, o.eval_batches, batch_sh, objective)
@@ -534,7 +534,7 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
                     continue
                 log.check(step, str(ckpt.dir / str(last_trained)) if last_trained else None)
                 if logs:
-                    log.train(step, lr_fn(step), nonfinite_total=int(state.nonfinite_total))
+                    log.train(step, nonfinite_total=int(state.nonfinite_total))
                 if evals:
                     ev = evaluate(eval_fn, state.params, held, o.eval_batches, batch_sh, objective)
                     summary["heldout"] = ev

@@ -5,7 +5,8 @@ selection.
 metrics.jsonl, one JSON object per line, pretraining and fine-tuning alike:
   training   {"step", "loss", "learning_rate", "grad_norm", "tokens_per_s"?, "nonfinite_total",
               <the loop's figures: mlm_loss, mlm_accuracy, sentence_loss, ...>}
-             means over the steps since the previous line;
+             means over the steps since the previous line; learning_rate is the rate that
+             step's update applied (the schedule at the optimizer's count step - 1);
   evaluation {"step", "eval_<set>_<metric>", ...}: pretraining's set is `heldout`,
              fine-tuning's are the --eval_files names.
 TensorBoard gets the same figures as train/<name> and eval/<set>/<metric>.
@@ -44,10 +45,10 @@ class RunLog:
     step appears once."""
 
     def __init__(self, workdir: pathlib.Path, *, total: int, start: int, desc: str, progress_bar: bool,
-                 max_nonfinite_streak: int, figures: Callable[[dict], dict] = lambda sums: {}):
+                 max_nonfinite_streak: int, lr_fn: Callable, figures: Callable[[dict], dict] = lambda sums: {}):
         self.chief = jax.process_index() == 0
         self.path = storage.path(workdir) / METRICS_FILE
-        self.max_streak, self.figures = max_nonfinite_streak, figures
+        self.max_streak, self.figures, self.lr_fn = max_nonfinite_streak, figures, lr_fn
         if self.chief and start:
             keep_until(self.path, start)
         self.bar = None
@@ -83,8 +84,9 @@ class RunLog:
                 f"(updates skipped, nothing non-finite saved); stopping (lower --learning_rate?). "
                 f"Last good checkpoint: {last_checkpoint or 'none'}")
 
-    def train(self, step: int, learning_rate: float, **extra) -> dict:
-        """Write the training line for the steps since the last one and start a new sum."""
+    def train(self, step: int, **extra) -> dict:
+        """Write the training line for the steps since the last one (1-based `step`) and
+        start a new sum."""
         self.check(step, None)
         h, now = self.host, time.perf_counter()
         n = h["steps"]
@@ -92,7 +94,7 @@ class RunLog:
         if skipped:
             logging.warning("steps %d-%d: %d non-finite loss(es), gradient(s) or updated params; "
                             "those updates were skipped", step - int(n) + 1, step, skipped)
-        rec = dict(step=step, loss=h["loss"] / n, learning_rate=float(learning_rate),
+        rec = dict(step=step, loss=h["loss"] / n, learning_rate=float(self.lr_fn(step - 1)),  # optax counts from 0
                    grad_norm=h["grad_norm"] / n, **extra)
         if "real_tokens" in h:
             rec["tokens_per_s"] = h["real_tokens"] / max(now - self.t_last, 1e-9)
