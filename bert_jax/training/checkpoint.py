@@ -267,8 +267,9 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None) -> tuple[M
     if not directory.is_dir():
         raise CheckpointError(f"{directory} does not exist: {workdir} holds no checkpoint")
     # Every process reads the whole checkpoint by itself onto its first device, whatever
-    # topology saved it: the sharding recorded at save names devices that another process
-    # count or mesh may not have, so the target is the saved shapes on that one device.
+    # topology saved it. With several processes the sharding recorded at save names devices
+    # this process may not address, so the target is the saved shapes on its one device (one
+    # process restores through orbax's fallback: the metadata read hangs on some stores).
     me = jax.process_index()
     alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
     mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
@@ -279,11 +280,17 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None) -> tuple[M
         raise CheckpointError(f"{directory} holds no complete checkpoint")
     try:
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        saved = ocp.StandardCheckpointer(multiprocessing_options=alone).metadata(
-            directory / str(step) / "state").item_metadata
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), saved)
-        out = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), manifest=ocp.args.JsonRestore()))
+        if jax.process_count() > 1:
+            reader = ocp.StandardCheckpointer(multiprocessing_options=alone)
+            try:
+                saved = reader.metadata(directory / str(step) / "state").item_metadata
+            finally:
+                reader.close()
+            state = ocp.args.StandardRestore(jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), saved))
+        else:
+            state = ocp.args.StandardRestore(fallback_sharding=one)
+        out = mngr.restore(step, args=ocp.args.Composite(state=state, manifest=ocp.args.JsonRestore()))
     except Exception as e:
         raise CheckpointError(f"checkpoint {directory / str(step)} cannot be restored: "
                               f"{type(e).__name__}: {e}") from e
