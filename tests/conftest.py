@@ -9,9 +9,21 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 
+import atexit
 import pathlib
+import shutil
+import tempfile
 
 import pytest
+
+# One persistent compilation cache for the whole session, every step however fast it
+# compiles: the suite compiles the same tiny train steps in many tests and subprocesses.
+# The main process makes it before xdist starts its workers, which inherit the variables.
+if "PYTEST_XDIST_WORKER" not in os.environ and "BERT_JAX_COMPILATION_CACHE" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="bert_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["BERT_JAX_COMPILATION_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()

@@ -378,10 +378,14 @@ def test_every_checkpoint_corrupt_refuses_and_keeps_them(three_checkpoints, tmp_
 def test_nonfinite_updates_stop_the_run_and_are_never_saved(tmp_path):
     """--adam_eps=0 makes Adam divide 0 by 0 on embedding rows with no gradient: finite
     loss and gradients, non-finite update. The run stops with an error naming the step;
-    the checkpoint it saved before holds finite params."""
-    with pytest.raises(runlog.NonFiniteError, match=r"step 3: 3 non-finite .*Last good checkpoint: .*checkpoints/2"):
+    the checkpoint it saved before holds finite params. Every update so far was skipped, so
+    that checkpoint holds the untrained init: the message names no checkpoint as the last
+    good one (it used to name checkpoints/2)."""
+    with pytest.raises(runlog.NonFiniteError, match=r"step 3: 3 non-finite .*Last good checkpoint: none"):
         pretraining.run(options(tmp_path, "--adam_eps=0", "--max_nonfinite_streak=3", "--checkpoint_every=2",
                                 "--warmup_steps=1", "--log_every=1"))
+    _, params, step = checkpoint.load_params(tmp_path)
+    assert step == 2 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
 def test_bench_counts_flops_and_times_real_steps(tmp_path):

@@ -266,10 +266,17 @@ class StopOnSigterm:
             signal.signal(signal.SIGTERM, self._old)
 
 
+# A compilation cache shared by every run that leaves --compilation_cache unset (the test
+# suite sets it: its runs compile the same tiny steps over and over).
+SHARED_CACHE_ENV = "BERT_JAX_COMPILATION_CACHE"
+
+
 def use_compilation_cache(setting: str, workdir) -> str | None:
-    """Point JAX's persistent compilation cache at `setting` ('' = <workdir>/compilation_cache,
-    'off' = none; see the compilation_cache option); returns the folder. Steps that take
-    over a second to compile are stored there, so a restarted run loads them instead."""
+    """Point JAX's persistent compilation cache at `setting` ('' = $BERT_JAX_COMPILATION_CACHE
+    if set, else <workdir>/compilation_cache; 'off' = none; see the compilation_cache
+    option); returns the folder. Steps that take over a second to compile are stored there,
+    so a restarted run loads them instead."""
+    setting = setting or os.environ.get(SHARED_CACHE_ENV, "")
     if setting == "off" or (not setting and workdir is None):
         return None
     if not setting and storage.is_remote(workdir):
