@@ -79,11 +79,19 @@ def test_predict_equals_evaluation_on_conll_valid_words(shared_data, tiny_checkp
     valid = conll_head(shared_data / "ner/conll2003/valid.txt", 40, tmp_path / "valid.txt")
     finetune(tiny_checkpoint, tmp_path / "wd", "ner", train, {"valid": valid}, max_seq_length=64)
     words = tmp_path / "words.txt"
-    words.write_text("\n".join(l.split()[0] if l.strip() and not l.startswith("-DOCSTART-") else ""
-                               for l in valid.read_text().splitlines()) + "\n")
+    lines = [l.split()[0] if l.strip() and not l.startswith("-DOCSTART-") else l.strip()
+             for l in valid.read_text().splitlines()]
+    lines = ["-DOCSTART-", "", ""] + lines  # as CoNLL files open; and an empty sentence
+    words.write_text("\n".join(lines) + "\n")
     predict(PredictOptions(str(tmp_path / "wd/best"), str(words), str(tmp_path / "out.conll")))
     evaluated = [l.split() for l in (tmp_path / "wd/eval/valid.predictions.conll").read_text().splitlines() if l]
-    predicted = [l.split() for l in (tmp_path / "out.conll").read_text().splitlines() if l]
+    out = (tmp_path / "out.conll").read_text().splitlines()
+    # line for line with the input: blank and -DOCSTART- lines kept (they were dropped)
+    assert len(out) == len(lines) and out[:3] == lines[:3]
+    word = lambda l: l and not l.startswith("-DOCSTART-")
+    assert [o.split()[0] for o, i in zip(out, lines) if word(i)] == [i for i in lines if word(i)]
+    assert [o for o, i in zip(out, lines) if not word(i)] == [i for i in lines if not word(i)]
+    predicted = [l.split() for l in out if word(l)]
     assert len(evaluated) == len(predicted) > 300
     assert [(w, p) for w, _, p in evaluated] == [tuple(x) for x in predicted]
 

@@ -81,7 +81,7 @@ def predict(o: PredictOptions) -> dict:
     params = jax.device_put(params)
     outputs = run_model(lambda i, t, m: forward(params, i, t, m), feats, o.batch_size, fo.max_seq_length)
     preds = task.decode(outputs, feats, examples, labels)
-    paths.write_atomically(out_path, lambda tmp: task.write(tmp, examples, preds, labels))
+    paths.write_atomically(out_path, lambda tmp: task.write_predictions(tmp, o.input, examples, preds, labels))
     return {"task": fo.task, "rows": len(examples), "features": len(feats), "output": str(out_path)}
 
 

@@ -76,6 +76,10 @@ class Task:
     def output_file(self, folder: pathlib.Path, name: str) -> pathlib.Path:
         return folder / f"{name}.predictions.{self.prediction_suffix}"
 
+    def write_predictions(self, path: pathlib.Path, input_path, examples, preds, labels) -> None:
+        """`predict`'s output for the unlabeled `input_path` (default: as the evaluation writes)."""
+        self.write(path, examples, preds, labels)
+
 
 # ------------------------------------------------------------------ text tasks ----
 class _TextTask(Task):
@@ -253,6 +257,19 @@ class Tagging(Task):
                 lines += [f"{w} {p}" for w, p in zip(s.words, out_pred)]
             lines.append("")
         path.write_text("\n".join(lines), encoding="utf-8")
+
+    def write_predictions(self, path, input_path, sents, preds, labels) -> None:
+        """Line for line with the input: `word prediction` for each word line, and its
+        blank and -DOCSTART- lines as they are (reading drops them, so writing the sentences
+        alone moved every line after the first of them)."""
+        tags = iter(t for pred in preds for t in tagging.convert(pred, "IOB2", self.o.tag_scheme))
+        lines = []
+        for line in tasks.read_text(pathlib.Path(input_path), self.o.encoding).splitlines():
+            if not line.strip() or line.startswith("-DOCSTART-"):
+                lines.append(line)
+            else:
+                lines.append(f"{line.split()[0]} {next(tags)}")
+        path.write_text("".join(l + "\n" for l in lines), encoding="utf-8")
 
 
 # ------------------------------------------------------------------------- QA ----
