@@ -163,13 +163,10 @@ OPTIMIZERS = ("adamw", "adamw_bert", "lamb")
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimConfig:
+class OptimizerOptions:
+    """The optimizer and its constants: options of both loops (pretraining in OptimConfig,
+    fine-tuning among its own options), each giving its own rate and schedule length."""
     optimizer: str = option("adamw", "Optimizer.", choices=OPTIMIZERS)
-    learning_rate: float = option(1e-4, "Peak learning rate (0: a frozen run, a useful probe).", lower=0.0,
-                                  resume=PHASE)
-    warmup_steps: int = option(100, "Linear warmup steps.", lower=0, resume=PHASE)
-    train_steps: int = internal(1000, "the job's step count")
-    schedule_start: int = internal(0, "the step the schedule's warmup starts at (a phase with its own schedule)")
     decay_power: float = option(1.0, "Polynomial decay power (1 = linear); adamw decays after warmup, "
                                 "adamw_bert/lamb from step 0 as the original code.", resume=PHASE)
     weight_decay: float = option(0.01, "Decoupled weight decay (not on LayerNorm/bias).")
@@ -177,6 +174,15 @@ class OptimConfig:
     b2: float = option(0.999, "Adam beta2.", flag="adam_b2")
     eps: float = option(1e-6, "Adam epsilon.", flag="adam_eps")
     max_grad_norm: float = option(1.0, "Global-norm clipping (0 = off).")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig(OptimizerOptions):
+    learning_rate: float = option(1e-4, "Peak learning rate (0: a frozen run, a useful probe).", lower=0.0,
+                                  resume=PHASE)
+    warmup_steps: int = option(100, "Linear warmup steps.", lower=0, resume=PHASE)
+    train_steps: int = internal(1000, "the job's step count")
+    schedule_start: int = internal(0, "the step the schedule's warmup starts at (a phase with its own schedule)")
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -296,7 +302,7 @@ SCHEMES = ("IOB1", "IOB2", "BIOES")
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneOptions(RunOptions):
+class FinetuneOptions(RunOptions, OptimizerOptions):
     REQUIRED: ClassVar[tuple[str, ...]] = ("task", "init_checkpoint", "train_file", "workdir")
     task: str | None = option(None, "Task type.", choices=FINETUNE_TASKS)
     init_checkpoint: str | None = option(None, "Our checkpoint folder or a Hugging Face folder.")
@@ -329,7 +335,6 @@ class FinetuneOptions(RunOptions):
     learning_rate: float = option(2e-5, "Peak learning rate (0: a frozen run, a useful probe).", lower=0.0)
     epochs: float = option(3.0, "Training epochs.", lower=1.0)
     warmup_proportion: float = option(0.1, "Fraction of steps of linear warmup.", lower=0.0, upper=1.0)
-    weight_decay: float = option(0.01, "AdamW weight decay.")
     eval_every: int = option(0, "Steps between evaluations (0: at the end).", lower=0)
     max_train_examples: int | None = option(None, "Seeded subsample of the training set.")
     dropout: float | None = option(None, "Override the checkpoint's dropout.")

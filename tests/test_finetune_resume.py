@@ -183,3 +183,37 @@ def test_rerun_on_other_processes_is_the_same_run(tmp_path):
     assert finetuning.check_workdir(tmp_path, rerun) is None
     with pytest.raises(finetuning.FinetuneError, match="--learning_rate: 2e-05 there, 0.001 now"):
         finetuning.check_workdir(tmp_path, FinetuneOptions(**{**o.__dict__, "learning_rate": 1e-3}))
+
+
+def test_finetuning_takes_the_optimizer_flags():
+    """Fine-tuning hard-coded AdamW and a clipping norm of 1: --optimizer, --adam_eps,
+    --adam_b1/b2, --max_grad_norm and --decay_power (pretraining's flags) were ignored."""
+    import sys
+    from absl import flags as absl_flags
+    from bert_jax import flags
+    from bert_jax.training import finetuning, optim
+    fv = absl_flags.FlagValues()
+    flags.define(FinetuneOptions, fv, required=False)
+    fv([sys.argv[0], "--optimizer=lamb", "--adam_eps=1e-8", "--adam_b2=0.98", "--max_grad_norm=0.5",
+        "--decay_power=2", "--learning_rate=3e-5", "--epochs=2", "--batch_size=10", "--warmup_proportion=0.25"])
+    c = finetuning.optim_config(flags.read(FinetuneOptions, fv), 100)
+    assert (c.optimizer, c.eps, c.b1, c.b2, c.max_grad_norm, c.decay_power) == ("lamb", 1e-8, 0.9, 0.98, 0.5, 2.0)
+    assert (c.learning_rate, c.warmup_steps, c.train_steps) == (3e-5, 5, 20)
+    default = finetuning.optim_config(FinetuneOptions(), 100)  # as before: AdamW, clipping at 1
+    assert (default.optimizer, default.max_grad_norm, default.eps, default.weight_decay) == ("adamw", 1.0, 1e-6, 0.01)
+    assert optim.make(c) is not None
+
+
+def test_a_run_recorded_before_the_optimizer_flags_resumes(tmp_path):
+    """A run.json written before fine-tuning took the optimizer flags holds none of them:
+    it is the run of their values then (AdamW, eps 1e-6, clipping at 1)."""
+    from bert_jax.training import finetuning
+    o = FinetuneOptions(task="classification", init_checkpoint="ck", train_file="t.tsv", workdir=str(tmp_path))
+    finetuning.check_workdir(tmp_path, o)
+    record = json.loads((tmp_path / finetuning.RUN_RECORD).read_text())
+    old = {k: v for k, v in record.items() if k not in finetuning.OPTIONS_BEFORE_THEY_EXISTED}
+    (tmp_path / finetuning.RUN_RECORD).write_text(json.dumps(old))
+    (tmp_path / "checkpoints" / "5").mkdir(parents=True)
+    assert finetuning.check_workdir(tmp_path, o) is None
+    with pytest.raises(finetuning.FinetuneError, match="--adam_eps: 1e-06 there, 1e-08 now"):
+        finetuning.check_workdir(tmp_path, FinetuneOptions(**{**o.__dict__, "eps": 1e-8}))

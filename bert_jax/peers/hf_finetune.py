@@ -3,7 +3,8 @@ side-by-side comparison. Everything but the model and optimizer is shared with o
 the same init folder, the same (seeded) training subsample and features (our tokenizer,
 whose ids equal the transformers fast tokenizer's on these data sets -- tests/test_tokenizer
 checks it), the same batch order, step count, sequence length, learning rate, warmup,
-linear decay, weight decay (not on LayerNorm/bias), clipping and dropout, and the same
+linear decay, weight decay (not on LayerNorm/bias), Adam betas and epsilon, clipping and
+dropout, and the same
 evaluation (Viterbi tag decoding, SQuAD n-best search, metrics). Every task type:
 classification, regression, ner, qa. Needs the `test` extra (torch, transformers); runs
 on the GPU when torch sees one.
@@ -40,6 +41,9 @@ class HFPeer:
         import transformers
         if not (pathlib.Path(o.init_checkpoint) / "config.json").exists():
             raise FinetuneError(f"--init_checkpoint={o.init_checkpoint}: the peer needs a Hugging Face folder")
+        if o.optimizer != "adamw" or o.decay_power != 1.0:  # torch AdamW with transformers' linear schedule
+            raise FinetuneError(f"--optimizer={o.optimizer} --decay_power={o.decay_power}: the peer runs AdamW "
+                                "with linear decay only (--optimizer=adamw --decay_power=1)")
         self.o, self.task = o, finetune_tasks.make(o)
         self.tok = Tokenizer.load(o.init_checkpoint)
         self.inputs = read_inputs(o, self.task, self.tok)
@@ -76,7 +80,8 @@ class HFPeer:
         for name, p in self.model.named_parameters():
             (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=o.learning_rate, eps=1e-6)
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=o.learning_rate,
+                                betas=(o.b1, o.b2), eps=o.eps)
         sched = transformers.get_linear_schedule_with_warmup(opt, warmup, total)
         self.model.train()
         path, losses = wd / runlog.METRICS_FILE, []
@@ -84,7 +89,8 @@ class HFPeer:
             lr = sched.get_last_lr()[0]
             loss = self.model(**self._tensors(self.train, idx)).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            if o.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad()

@@ -118,6 +118,14 @@ def plan(o: FinetuneOptions, n: int) -> tuple[int, int]:
     return int(o.warmup_proportion * total), total
 
 
+def optim_config(o: FinetuneOptions, n: int) -> optim.OptimConfig:
+    """The optimizer of a run on `n` training rows: the optimizer options as given (the
+    same flags as pretraining's), the rate and warmup of fine-tuning."""
+    warmup, total = plan(o, n)
+    given = {f.name: getattr(o, f.name) for f in dataclasses.fields(options.OptimizerOptions)}
+    return optim.OptimConfig(**given, learning_rate=o.learning_rate, warmup_steps=warmup, train_steps=total)
+
+
 # --------------------------------------------------- running a model on features ----
 def length_buckets(lengths: np.ndarray, batch_size: int, max_len: int, step: int = 32):
     """(row indices, padded length) per batch: rows sorted by length (longest first, ties
@@ -224,10 +232,7 @@ class Finetuner:
         self.apply = lambda params: (lambda i, t, m: apply(params, place(i), place(t), place(m)))
 
     def optim_config(self) -> optim.OptimConfig:
-        o = self.o
-        warmup, total = plan(o, len(self.train["input_ids"]))
-        return optim.OptimConfig("adamw", o.learning_rate, warmup, total,
-                                 weight_decay=o.weight_decay, max_grad_norm=1.0)
+        return optim_config(self.o, len(self.train["input_ids"]))
 
     def run(self) -> dict:
         """Fine-tune and evaluate in o.workdir, holding its lock. A workdir of a finished
@@ -396,11 +401,15 @@ RUN_OUTPUTS = ("metrics.jsonl", "results.json", "eval", "best", "best.tmp", "che
 
 
 def run_record(o: FinetuneOptions) -> dict:
-    """The options that decide what the run computes: all but those that may change on
-    resume (options.resume_rules: the mesh, the processes, what is logged and kept)."""
+    """The options that decide what the run computes, by flag name: all but those that may
+    change on resume (options.resume_rules: the mesh, the processes, what is logged and kept)."""
     rules = options.resume_rules(o)
-    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(o).items()
-                                  if k != "resolved_flags" and rules.get(k) != options.MAY_CHANGE}))
+    return json.loads(json.dumps({k: v for k, v in options.flat(o).items() if rules[k] != options.MAY_CHANGE}))
+
+
+# What a run recorded before these options existed used: its run.json resumes with them.
+OPTIONS_BEFORE_THEY_EXISTED = dict(optimizer="adamw", decay_power=1.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-6,
+                                   max_grad_norm=1.0)
 
 
 def check_workdir(wd: pathlib.Path, o: FinetuneOptions) -> dict | None:
@@ -411,7 +420,7 @@ def check_workdir(wd: pathlib.Path, o: FinetuneOptions) -> dict | None:
     record = wd / RUN_RECORD
     new = run_record(o)
     if record.exists():
-        old = json.loads(record.read_text())
+        old = {**OPTIONS_BEFORE_THEY_EXISTED, **json.loads(record.read_text())}
         rules = options.resume_rules(o)  # a record written before an option could change keeps it
         diff = [f"--{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
                 if rules.get(k) != options.MAY_CHANGE and old.get(k) != new.get(k)]
