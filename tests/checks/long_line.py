@@ -37,7 +37,7 @@ def timed(code: str, *args) -> dict:
     return {"seconds": round(secs, 1), "peak_rss_gb": round(rss / 2**20, 3)}
 
 
-VOCAB = "import sys; from bert_jax import vocab; vocab.train('wordpiece', sys.argv[1], 8000, sys.argv[2])"
+VOCAB = "import sys; from bert_jax.data import vocab; vocab.train('wordpiece', sys.argv[1], 8000, sys.argv[2])"
 CACHE = ("import sys, pathlib; from bert_jax.data import cache; from bert_jax.data.tokenizer import Tokenizer; "
          "c = cache.build([pathlib.Path(sys.argv[1])], Tokenizer.load(sys.argv[2]), sys.argv[2], sys.argv[3], "
          "workers=1); print(len(c.tokens))")
