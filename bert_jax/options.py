@@ -458,27 +458,23 @@ class TokenizerBenchOptions:
     batch_lines: int = option(4096, "Lines per encode_batch call.", lower=1)
 
 
-def resume_rules(o) -> dict[str, str]:
-    """{flag name: SAME, MAY_CHANGE or PHASE} of every flag-bearing field of `o` (an
-    options instance, nested options included)."""
-    out = {}
+def _flag_fields(o):
+    """(flag name, field, value) of every flag-bearing field of the options instance `o`,
+    nested options included."""
     for f in dataclasses.fields(o):
         v = getattr(o, f.name)
         if dataclasses.is_dataclass(v):
-            out.update(resume_rules(v))
+            yield from _flag_fields(v)
         elif f.metadata.get("flag", "") is not None:
-            out[f.metadata.get("flag") or f.name] = f.metadata.get("resume", SAME)
-    return out
+            yield f.metadata.get("flag") or f.name, f, v
+
+
+def resume_rules(o) -> dict[str, str]:
+    """{flag name: SAME, MAY_CHANGE or PHASE} of every flag-bearing field of `o`."""
+    return {name: f.metadata.get("resume", SAME) for name, f, _ in _flag_fields(o)}
 
 
 def flat(o) -> dict[str, Any]:
-    """{flag name: value} of every flag-bearing field of `o`, nested options included:
-    the run record that a resumed run is compared with."""
-    out = {}
-    for f in dataclasses.fields(o):
-        v = getattr(o, f.name)
-        if dataclasses.is_dataclass(v):
-            out.update(flat(v))
-        elif f.metadata.get("flag", "") is not None:
-            out[f.metadata.get("flag") or f.name] = v
-    return out
+    """{flag name: value} of every flag-bearing field of `o`: the run record that a
+    resumed run is compared with."""
+    return {name: v for name, _, v in _flag_fields(o)}

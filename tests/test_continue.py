@@ -192,7 +192,7 @@ def test_classifier_folder_gets_a_fresh_mlm_head(classifier_folder, tmp_path, ca
                                 "--warmup_steps=0", "--learning_rate=0", "--heldout_corpus="))
     assert s["step"] == 1
     assert any("has no MLM head, NSP head" in r.getMessage() for r in caplog.records)
-    _, theirs = convert.load(classifier_folder)[0], convert.load(classifier_folder)[2]
+    theirs = convert.load(classifier_folder)[2]
     _, ours, _ = checkpoint.load_params(tmp_path / "wd")
     for part in ("embeddings", "encoder", "pooler"):  # lr 0: the loaded weights, unchanged
         jax.tree.map(np.testing.assert_array_equal, ours["backbone"][part], theirs["backbone"][part])

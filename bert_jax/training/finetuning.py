@@ -228,7 +228,7 @@ class Finetuner:
         self.eval_batch = -(-EVAL_BATCH // shards) * shards
         apply = jax.jit(lambda p, i, t, m: self.model.apply({"params": p}, i, t, m),
                         in_shardings=(self.state_sh.params, rows, rows, rows), out_shardings=rep)
-        place = lambda x: jax.make_array_from_callback(x.shape, rows, lambda idx: x[idx])
+        place = lambda x: train.place(x, rows)
         self.apply = lambda params: (lambda i, t, m: apply(params, place(i), place(t), place(m)))
 
     def optim_config(self) -> optim.OptimConfig:
@@ -264,11 +264,8 @@ class Finetuner:
     def _initial_state(self):
         """The state at step 0 on the mesh around the loaded backbone and the fresh head
         (self.params); its dropout key is split from --seed as pretraining's is."""
-        placed = jax.tree.map(lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda i: x[i]),
-                              self.params, self.state_sh.params)
-        run_rng = jax.random.split(jax.random.key(self.o.seed))[1]
-        with jax.set_mesh(self.mesh):
-            return jax.jit(lambda p: train.new_state(p, self.tx, run_rng), out_shardings=self.state_sh)(placed)
+        placed = jax.tree.map(train.place, self.params, self.state_sh.params)
+        return train.state_around(placed, self.tx, self.o.seed, self.state_sh, self.mesh)
 
     def _run(self) -> dict:
         o, task, mesh = self.o, self.task, self.mesh

@@ -180,13 +180,16 @@ def load_init(o: PretrainOptions) -> InitCheckpoint:
     return InitCheckpoint(where, cfg, task, params, tok_dir)
 
 
-def init_model_config(o: PretrainOptions, base: ModelConfig) -> ModelConfig:
+def init_model_config(o: PretrainOptions, base: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
     """The model of a run from --init_checkpoint (or its resumption): the checkpoint's
     config (`base`) with what a continued run may choose: objective, dropout, execution."""
     m = o.model
     changes = {f: getattr(m, f) for f in ("objective", "hidden_dropout_prob", "attention_probs_dropout_prob",
                                           "dtype", "remat_policy", "attention_impl") if getattr(m, f) is not None}
     cfg = base.replace(scan_layers=m.scan_layers, **changes)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
+                          f"tokens (--init_checkpoint={o.init_checkpoint})")
     cfg.check_sequence_length(o.max_seq_length)
     return cfg
 
@@ -232,8 +235,7 @@ def _placed(src, like, where: str, name: str):
         rename.check_shapes(src, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like))
     except rename.RenameError as e:
         raise PretrainError(f"--init_checkpoint={where}: {e} (under {name})") from None
-    return jax.tree.map(lambda x, t: jax.make_array_from_callback(
-        t.shape, t.sharding, lambda i: np.asarray(x, t.dtype)[i]), src, like)
+    return jax.tree.map(lambda x, t: train.place(np.asarray(x, t.dtype), t.sharding), src, like)
 
 
 def model_config(o: PretrainOptions, tokenizer: Tokenizer) -> ModelConfig:
@@ -417,13 +419,11 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     init = load_init(o) if o.init_checkpoint and not resuming else None
     tok, tok_dir = prepare_tokenizer(o, workdir, cache_dir, init)
     if init is not None:
-        cfg = init_model_config(o, init.cfg)
+        cfg = init_model_config(o, init.cfg, tok)
     elif o.init_checkpoint:
-        cfg = init_model_config(o, ckpt_lib.read_config(workdir))
+        cfg = init_model_config(o, ckpt_lib.read_config(workdir), tok)
     else:
         cfg = model_config(o, tok)
-    if tok.vocab_size > cfg.vocab_size:
-        raise ConfigError(f"vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens")
     ckpt_lib.check_same_architecture(workdir, cfg)
     objective = cfg.pretraining_objective
     best_metric = o.best_metric or "mlm_accuracy"

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 from flax import linen as nn
@@ -71,6 +72,13 @@ def create_state(cfg: ModelConfig, tx, seq_len: int, seed: int, mesh, shard=None
     init = jax.jit(lambda r: nn.unbox(_init_boxed(cfg, tx, seq_len, r, task)), out_shardings=shard)
     with jax.set_mesh(mesh):
         return init(jax.random.key(seed))
+
+
+def place(x, sharding):
+    """Host array `x` (every process holds it whole) as an array laid out by `sharding`:
+    each device gets its slice, converted once here, not once per device."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
 
 
 def state_around(params, tx, seed: int, shard, mesh) -> TrainState:
