@@ -527,3 +527,19 @@ def test_blingfire_splitter_is_its_own_cache_and_agrees_mostly(tok_dir, tmp_path
     assert shared >= 0.5 * len(a.sentences), (shared, len(a.sentences), len(b.sentences))
     with pytest.raises(ValueError, match="--sentence_splitter='nltk'"):
         cache.build(files, tok, tok_dir, tmp_path, workers=1, splitter="nltk")
+
+
+def test_a_huge_text_is_cut_to_what_its_truncation_keeps(tok_dir):
+    """encode_batch/encode_words with max_length tokenize only a text's first max_length x
+    CHARS_PER_TOKEN characters: the encoding is the uncut text's (the cost was the text's
+    length: 9 GB of tokens for a 50 MB line)."""
+    from bert_jax.data import textfile
+    tok = Tokenizer.load(tok_dir)
+    text = "It is a truth universally acknowledged, that a single man " * 2000
+    assert len(text) > 8 * textfile.CHARS_PER_TOKEN
+    tok.backend.no_truncation()
+    full = tok.backend.encode(text)  # no truncation: every token, then the first 8 kept
+    cut = tok.encode_batch([text], [text], max_length=8)[0]
+    assert cut.input_ids == tok.encode_batch([text[:2000]], [text[:2000]], max_length=8)[0].input_ids
+    assert tok.encode_batch([text], max_length=8)[0].input_ids == full.ids[:7] + [full.ids[-1]]
+    assert tok.encode_words([text, "man"], max_length=8).input_ids == tok.encode_words([text[:3000], "man"], max_length=8).input_ids

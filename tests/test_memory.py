@@ -1,7 +1,9 @@
 """Memory that does not grow with the input: a one-line text file of 1 MB and of 8 MB
-through `encode --max_length=32` (a 50 MB line took 9.4 GB to output 32 tokens) and through
+through `encode --max_length=32` (a 50 MB line took 9.4 GB to output 32 tokens), through
 corpus preparation (its tokens were memory-mapped back, so the process grew with the
-corpus). Each run is its own process, measuring its own peak RSS."""
+corpus), and through the fine-tuning/predict readers and features of a TSV row and a CoNLL
+word line (whole files were read, and each text tokenized whole). Each run is its own
+process, measuring its own peak RSS."""
 
 import json
 import pathlib
@@ -14,12 +16,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 BOOK = REPO / "bert_jax/corpus/train/austen-persuasion.txt"
 
 
-def one_line(path: pathlib.Path, mb: int) -> pathlib.Path:
+def one_line(path: pathlib.Path, mb: int, head: str = "", tail: str = "") -> pathlib.Path:
     words = BOOK.read_text(encoding="latin-1").split()
     block = " ".join(words) + " "
     with open(path, "w") as f:
+        f.write(head)
         for _ in range(mb * 10**6 // len(block) + 1):
             f.write(block)
+        f.write(tail)
     return path
 
 
@@ -40,6 +44,14 @@ PREPARE = ("import sys, pathlib; from bert_jax.data import cache; from bert_jax.
            "cache.build([pathlib.Path(sys.argv[1])], Tokenizer.load(sys.argv[2]), sys.argv[2], sys.argv[3], "
            "workers=1, splitter='blingfire')")
 
+# What `finetune` and `predict` do with a file before the model runs: read it, then make
+# the fixed-length features.
+FEATURES = ("import sys; from bert_jax.data.tokenizer import Tokenizer; from bert_jax.options import FinetuneOptions; "
+            "from bert_jax.tasks import finetune_tasks; "
+            "t = finetune_tasks.make(FinetuneOptions(task=sys.argv[3], max_seq_length=32, workdir='')); "
+            "x = t.read(sys.argv[2], labeled=sys.argv[3] != 'ner'); "
+            "f = t.features(Tokenizer.load(sys.argv[1]), x, ['0', '1'], labeled=False); assert len(f) == len(x)")
+
 
 @pytest.mark.slow
 def test_peak_memory_does_not_grow_with_a_long_line(tiny_checkpoint, tmp_path):
@@ -47,9 +59,20 @@ def test_peak_memory_does_not_grow_with_a_long_line(tiny_checkpoint, tmp_path):
     enc = [peak_mb(ENCODE, tiny_checkpoint, f, tmp_path / f"{f.stem}.npz") for f in (small, large)]
     tok = tiny_checkpoint / "tokenizer"
     prep = [peak_mb(PREPARE, f, tok, tmp_path / f"cache_{f.stem}") for f in (small, large)]
-    print(json.dumps(dict(encode_mb=enc, prepare_mb=prep)))
+    tsv = [one_line(tmp_path / f"row{mb}.tsv", mb, "sentence\tlabel\n", "\t1\n") for mb in (1, 8)]
+    conll = [one_line(tmp_path / f"word{mb}.conll", mb).with_suffix(".conll") for mb in (1, 8)]
+    for f in conll:  # one "word" line of the whole size, then an ordinary sentence
+        with open(f, "a") as w:
+            w.write("\n\nEU\nrejects\nGerman\n")
+    reader = [peak_mb(FEATURES, tok, f, "classification") for f in tsv]
+    words = [peak_mb(FEATURES, tok, f, "ner") for f in conll]
+    print(json.dumps(dict(encode_mb=enc, prepare_mb=prep, tsv_mb=reader, conll_mb=words)))
     # 7 MB more text: encode used to grow by 1.1 GB (523 -> 1,660 MB). Preparation used to
     # map its tokens back (+13 MB here, within this margin: the 50 MB figures are in the
     # issue note); it must not grow with the text by more than noise.
     assert enc[1] < enc[0] + 30, enc
     assert prep[1] < prep[0] + 30, prep
+    # Fine-tuning/predict files were read whole and each text tokenized whole: +1.1 GB
+    # (tsv) and +? (conll) before.
+    assert reader[1] < reader[0] + 30, reader
+    assert words[1] < words[0] + 30, words

@@ -103,6 +103,22 @@ def test_a_sweep_folder_in_use_is_refused_before_any_run(tmp_path):
     assert len(sweep_lib.plan(o)[0]) == 2  # the lock a stopped sweep leaves does not block the next
 
 
+def test_a_run_held_by_a_live_process_is_running_not_failed(tmp_path, capsys):
+    """A rerun that finds a run's folder locked by a live process (a run started by hand, or
+    a child its killed launcher left) reported it failed ("in use") and wrote
+    sweep_failed.json: it is running; it is neither started again nor marked failed."""
+    from bert_jax.training import checkpoint
+    o = SweepOptions(job="pretrain", base=str(TINY), grid="hidden_size=32", out=str(tmp_path / "s"))
+    (run,), record = sweep_lib.plan(o)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / sweep_lib.RECORD).write_text(json.dumps(record))  # the sweep that started it
+    with checkpoint.WorkdirLock(run.workdir, "pretrain", chief=True):
+        summary = sweep_lib.sweep(o)
+    assert summary["running"] == [run.name] and summary["failed"] == [] and summary["ran"] == 0
+    assert not (run.workdir / sweep_lib.FAILED).exists() and not (run.workdir / sweep_lib.LOG).exists()
+    assert f"{run.name}: running in pretrain (pid" in capsys.readouterr().out
+
+
 def test_the_launcher_starts_no_jax_backend(tmp_path):
     """The sweep process only launches runs: a JAX backend in it would hold the GPU memory
     its runs need (JAX preallocates most of a GPU's memory per process)."""

@@ -114,6 +114,24 @@ def test_bad_classification_rows_name_file_and_line(tmp_path):
         tasks.label_ids(ex, ["0", "1"])
 
 
+def test_long_rows_are_cut_as_they_stream_and_csv_limits_are_named(tmp_path):
+    """A huge field costs `max_chars`: a TSV field is capped while it streams, the label
+    after it still read; a CSV field over the csv module's limit is an error naming the
+    line (it was a csv.Error traceback); a CoNLL line is capped too."""
+    long = "word " * 60_000
+    (tmp_path / "t.tsv").write_text(f"sentence\tlabel\nshort\t0\n{long}\t1\n")
+    ex = tasks.read_text_examples(tmp_path / "t.tsv", "sentence", "label", max_chars=1000)
+    assert [e.label for e in ex] == ["0", "1"] and ex[1].text == ("word " * 200).strip()
+    assert ex[1].where.endswith("t.tsv:3")
+    assert tasks.read_text_examples(tmp_path / "t.tsv", "sentence", "label")[1].text == long.strip()
+    (tmp_path / "t.csv").write_text(f"sentence,label\nshort,0\n{long},1\n")
+    with pytest.raises(tasks.TaskDataError, match=r"t.csv:3: field larger than field limit"):
+        tasks.read_text_examples(tmp_path / "t.csv", "sentence", "label")
+    (tmp_path / "w.conll").write_text(f"EU B-ORG\n\n{'x' * 300_000} O\nrejects O\n")
+    sents = tasks.read_conll(tmp_path / "w.conll", labeled=False, max_chars=1000)
+    assert [len(w) for s in sents for w in s.words] == [2, 1000, 7]
+
+
 def test_real_glue_files_read(shared_data):
     sst = tasks.read_text_examples(shared_data / "classification/sst2/dev.tsv", "sentence", "label")
     assert len(sst) == 872 and sorted({e.label for e in sst}) == ["0", "1"]

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 import logging
 import pathlib
-from typing import Sequence
+from typing import Iterator, Sequence
 
+from bert_jax.data import textfile
 from bert_jax.errors import BertJaxError
 from bert_jax.tasks import tagging
 
@@ -44,9 +44,8 @@ def read_text(path: pathlib.Path, encoding: str = "utf-8") -> str:
     """The file's text; a byte that is not `encoding` is an error naming file, line and
     byte, and the --encoding flag. A UTF-8 byte-order mark is dropped."""
     data = path.read_bytes()
-    enc = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
     try:
-        return data.decode(enc)
+        return data.decode(textfile.codec(encoding))
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
@@ -70,41 +69,20 @@ def _column(name: str, header: list[str] | None, where: str) -> int | str:
 
 def read_text_examples(path: str | pathlib.Path, text_column: str, label_column: str | None,
                        pair_column: str | None = None, regression: bool = False, *,
-                       encoding: str = "utf-8", header: bool = True) -> list[TextExample]:
+                       encoding: str = "utf-8", header: bool = True,
+                       max_chars: int | None = None) -> list[TextExample]:
     """Rows of a TSV, CSV or JSONL file. `label_column=None` reads an unlabeled file.
-    Columns are header names, or 0-based numbers (`header=False`: the first row is data)."""
+    Columns are header names, or 0-based numbers (`header=False`: the first row is data).
+    The file is read row by row; `max_chars` cuts the text fields (a TSV is streamed with
+    every field capped, so a huge line costs `max_chars`, not its length)."""
     path = pathlib.Path(path)
     if not path.exists():
         raise TaskDataError(f"{path}: no such file")
-    text = read_text(path, encoding)
-    rows: list[tuple[int, dict | list]] = []
-    names: list[str] | None = None
-    if path.suffix == ".jsonl":
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskDataError(f"{path}:{i}: not JSON ({e})") from None
-                if not isinstance(row, dict):
-                    raise TaskDataError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
-                rows.append((i, row))
-    else:
-        delim = "," if path.suffix == ".csv" else "\t"
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim,
-                            quoting=csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL)
-        first = 1
-        if header:
-            names = next(reader, None)
-            if names is None:
-                raise TaskDataError(f"{path}: empty file")
-            names, first = [h.strip() for h in names], 2
-        for i, r in enumerate(reader, first):
-            if not r:
-                continue
-            if names is not None and len(r) != len(names):
-                raise TaskDataError(f"{path}:{i}: {len(r)} columns, the header has {len(names)}")
-            rows.append((i, dict(zip(names, r)) if names is not None else r))
+    try:
+        names, rows = _rows(path, encoding, header, max_chars)
+    except (UnicodeDecodeError, LookupError):
+        read_text(path, encoding)  # raises the error naming line, column and --encoding
+        raise
     if not rows:
         raise TaskDataError(f"{path}: no examples")
     wanted = [c for c in (text_column, label_column, pair_column) if c is not None]
@@ -131,9 +109,68 @@ def read_text_examples(path: str | pathlib.Path, text_column: str, label_column:
             else:
                 label = str(label).strip()
         ident = next((str(r[c]) for c in ID_COLUMNS if isinstance(r, dict) and c in r), str(i))
-        out.append(TextExample(str(get[text_column]).strip(),
-                               str(get[pair_column]).strip() if pair_column else None, label, where, ident))
+        out.append(TextExample(textfile.cut(str(get[text_column]), max_chars).strip(),
+                               textfile.cut(str(get[pair_column]), max_chars).strip() if pair_column else None,
+                               label, where, ident))
     return out
+
+
+def _csv_rows(path: pathlib.Path, reader) -> Iterator[tuple[int, list[str]]]:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # a field over the csv module's limit, a NUL byte, ...
+            raise TaskDataError(f"{path}:{reader.line_num}: {e} (a TSV or JSONL file has no limit on "
+                                "a field's length)") from None
+        yield reader.line_num, row
+
+
+def _rows(path: pathlib.Path, encoding: str, header: bool, max_chars: int | None
+          ) -> tuple[list[str] | None, list[tuple[int, dict | list]]]:
+    """(header names or None, [(line, row)]): JSONL objects, or CSV/TSV rows as dicts by
+    header name (lists without one)."""
+    rows: list[tuple[int, dict | list]] = []
+    if path.suffix == ".jsonl":
+        with open(path, encoding=textfile.codec(encoding)) as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise TaskDataError(f"{path}:{i}: not JSON ({e})") from None
+                    if not isinstance(row, dict):
+                        raise TaskDataError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
+                    rows.append((i, row))
+        return None, rows
+    if path.suffix == ".csv":
+        f = open(path, encoding=textfile.codec(encoding), newline="")
+        reader = csv.reader(f)
+        lines = _csv_rows(path, reader)
+    else:  # TSV: no quoting, so every field is capped as it streams
+        f = None
+        lines = ((i, [] if r == [""] else r) for i, r in textfile.rows(path, max_chars, breaks=textfile.CSV_LINES,
+                                                                       encoding=encoding))
+    try:
+        names = None
+        for i, r in lines:
+            if names is None and header:
+                names = [h.strip() for h in r]
+                continue
+            if not r:
+                continue
+            if names is not None and len(r) != len(names):
+                raise TaskDataError(f"{path}:{i}: {len(r)} columns, the header has {len(names)}")
+            if max_chars:
+                r = [textfile.cut(v, max_chars) for v in r]  # what rows keep is short
+            rows.append((i, dict(zip(names, r)) if names is not None else r))
+        if header and names is None:
+            raise TaskDataError(f"{path}: empty file")
+    finally:
+        if f is not None:
+            f.close()
+    return names, rows
 
 
 def label_ids(examples: Sequence[TextExample], labels: Sequence[str]) -> list[int]:
@@ -155,9 +192,10 @@ class TaggedSentence:
 
 
 def read_conll(path: str | pathlib.Path, scheme: str = "IOB2", tag_column: int = -1, *,
-               labeled: bool = True, encoding: str = "utf-8") -> list[TaggedSentence]:
+               labeled: bool = True, encoding: str = "utf-8", max_chars: int | None = None) -> list[TaggedSentence]:
     """CoNLL sentences: the word in the first column, the tag in `tag_column`. Unlabeled
-    (predict): one word per line, further columns ignored, tags empty."""
+    (predict): one word per line, further columns ignored, tags empty. Streamed, each line
+    kept up to `max_chars` characters."""
     path = pathlib.Path(path)
     if not path.exists():
         raise TaskDataError(f"{path}: no such file")
@@ -171,7 +209,13 @@ def read_conll(path: str | pathlib.Path, scheme: str = "IOB2", tag_column: int =
         words.clear()
         tags.clear()
 
-    for i, line in enumerate(read_text(path, encoding).splitlines(), 1):
+    try:
+        lines = [(i, textfile.cut(line, max_chars)) for i, (line,) in
+                 textfile.rows(path, max_chars, max_fields=1, encoding=encoding)]
+    except (UnicodeDecodeError, LookupError):
+        read_text(path, encoding)  # raises the error naming line, column and --encoding
+        raise
+    for i, line in lines:
         if not line.strip() or line.startswith("-DOCSTART-"):
             flush()
             start = i + 1

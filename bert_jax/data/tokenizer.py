@@ -27,6 +27,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from bert_jax import paths
+from bert_jax.data import textfile
 from bert_jax.errors import BertJaxError
 
 KINDS = ("wordpiece", "bpe", "sentencepiece")
@@ -136,6 +137,10 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
                      max_length: int | None = None, truncation: str = "longest_first") -> list[Encoding]:
         self._configure(max_length, truncation)
+        if max_length is not None:  # a huge text costs what max_length tokens of it can use
+            texts = [textfile.cut(t, max_length * textfile.CHARS_PER_TOKEN) for t in texts]
+            if pairs is not None:
+                pairs = [textfile.cut(t, max_length * textfile.CHARS_PER_TOKEN) for t in pairs]
         inputs = list(texts) if pairs is None else list(zip(texts, pairs))
         try:
             encs = self.backend.encode_batch(inputs)
@@ -150,6 +155,8 @@ class Tokenizer:
     def encode_words(self, words: Sequence[str], max_length: int | None = None) -> Encoding:
         """[CLS] words [SEP] for pre-split words (NER): word_ids index `words`."""
         self._configure(max_length, "longest_first")
+        if max_length is not None:
+            words = [textfile.cut(w, max_length * textfile.CHARS_PER_TOKEN) for w in words]
         e = self.backend.encode(list(words), is_pretokenized=True)
         return _to_encoding(e, self.special_ids)
 

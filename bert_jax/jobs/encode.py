@@ -12,10 +12,8 @@ the attention-masked mean of last_hidden_state).
 
 from __future__ import annotations
 
-import codecs
 import json
 import pathlib
-import re
 
 import jax
 import jax.numpy as jnp
@@ -23,20 +21,13 @@ import numpy as np
 from absl import logging
 
 from bert_jax import paths
+from bert_jax.data import textfile
 from bert_jax.data.tokenizer import Tokenizer, pad_batch
 from bert_jax.errors import BertJaxError
 
 
 class EncodeError(BertJaxError, ValueError):
     """Bad input file; the message names the file and line."""
-
-
-# Characters kept of one text per token of --max_length: far more than any token spans
-# (WordPiece maps a word over 100 characters to one [UNK]), so the kept part tokenizes past
-# --max_length and the truncated encoding is that of the whole text, while a 50 MB line no
-# longer makes 50 MB of tokens (9.4 GB of memory for 32 of them).
-CHARS_PER_TOKEN = 1000
-_LINE_BREAK = re.compile("(\r\n|[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]|\t)")  # str.splitlines' + TAB
 
 
 def read_inputs(path: str | pathlib.Path, max_chars: int | None = None) -> tuple[list[str], list[str] | None]:
@@ -51,10 +42,10 @@ def read_inputs(path: str | pathlib.Path, max_chars: int | None = None) -> tuple
     texts, pairs, cut = [], [], []
     for i, text, pair in rows:
         for v in (text, pair):
-            if max_chars and v is not None and len(v) >= max_chars:
+            if max_chars and v is not None and len(v) > max_chars:
                 cut.append(i)
-        texts.append(_cut(text, max_chars))
-        pairs.append(None if pair is None else _cut(pair, max_chars))
+        texts.append(textfile.cut(text, max_chars))
+        pairs.append(None if pair is None else textfile.cut(pair, max_chars))
     if not texts:
         raise EncodeError(f"--input={path}: no texts")
     if cut:
@@ -63,43 +54,11 @@ def read_inputs(path: str | pathlib.Path, max_chars: int | None = None) -> tuple
     return texts, (None if all(p is None for p in pairs) else pairs)
 
 
-def _cut(text: str, max_chars: int | None) -> str:
-    if not max_chars or len(text) < max_chars:
-        return text
-    text = text[:max_chars]
-    space = text.rfind(" ")
-    return text[:space] if space > max_chars // 2 else text
-
-
 def _txt_rows(path: pathlib.Path, max_chars: int | None):
-    """(line number, text, pair or None) per line, streamed in 1 MB reads: each field keeps
-    its first `max_chars` characters (+1, to tell a cut) and the rest is skipped unread into
-    memory. Lines break where str.splitlines breaks them; the first TAB starts the pair."""
-    cap = max_chars + 1 if max_chars else None
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    fields, line = [""], 0
-    with open(path, "rb") as f:
-        held = ""  # a trailing \r waits for the next read: \r\n is one break
-        while True:
-            chunk = f.read(1 << 20)
-            text = held + decoder.decode(chunk, final=not chunk)
-            held = ""
-            if chunk and text.endswith("\r"):
-                text, held = text[:-1], "\r"
-            for piece in _LINE_BREAK.split(text):
-                if piece == "\t" and len(fields) == 1:
-                    fields.append("")
-                elif piece and piece != "\t" and _LINE_BREAK.fullmatch(piece):
-                    line += 1
-                    yield line, fields[0], fields[1] if len(fields) > 1 else None
-                    fields = [""]
-                elif piece:
-                    room = len(piece) if cap is None else max(cap - len(fields[-1]), 0)
-                    fields[-1] += piece[:room]
-            if not chunk:
-                break
-    if fields != [""]:  # a last line without a line break
-        yield line + 1, fields[0], fields[1] if len(fields) > 1 else None
+    """(line number, text, pair or None) per line, streamed (textfile.rows): lines break
+    where str.splitlines breaks them; the first TAB starts the pair."""
+    for i, fields in textfile.rows(path, max_chars, max_fields=2, errors="replace"):
+        yield i, fields[0], fields[1] if len(fields) > 1 else None
 
 
 def _jsonl_rows(path: pathlib.Path):
@@ -181,7 +140,7 @@ def _encode_mixed(tok: Tokenizer, texts, pairs, max_length):
 
 def main(o):
     out = paths.check_output("--output", o.output, input=o.input, checkpoint=o.checkpoint)
-    texts, pairs = read_inputs(o.input, CHARS_PER_TOKEN * o.max_length)
+    texts, pairs = read_inputs(o.input, textfile.CHARS_PER_TOKEN * o.max_length)
     feats = encode(o.checkpoint, texts, pairs, o.max_length, o.batch_size)
 
     def write(tmp):

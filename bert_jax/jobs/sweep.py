@@ -15,7 +15,9 @@ another sweep (OUT/sweep.json records
 the job, base file and its sha256, grid and seeds). Runs already finished
 (OUT/NAME/sweep_done.json) are skipped, so rerunning the sweep resumes it; a failed run is
 recorded (sweep_failed.json, with its exit status and last lines) and the others go on;
-the failures are listed at the end and the sweep exits 1. `report --runs=OUT` then compares
+the failures are listed at the end and the sweep exits 1. A run whose folder a live process
+holds (a run started by hand, or one its killed launcher could not take with it) is
+reported as running, not started again and not marked failed; the sweep exits 1. `report --runs=OUT` then compares
 the configurations over seeds.
 
 Fine-tuning sweeps take `--init_sweep=PRETRAIN_SWEEP`: every finished run of that sweep is a
@@ -182,7 +184,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def execute(run: Run, job: str, base: str) -> tuple[Run, int, float]:
+def execute(run: Run, job: str, base: str) -> tuple[Run, int | str, float]:
+    """(run, exit status, seconds); the status is the lock holder's description instead
+    when a live process already holds the run's workdir (it is running, not failed)."""
+    from bert_jax.training import checkpoint
+    holder = checkpoint.WorkdirLock.holder(run.workdir)
+    if holder is not None:
+        return run, holder, 0.0
     run.workdir.mkdir(parents=True, exist_ok=True)
     (run.workdir / FAILED).unlink(missing_ok=True)
     t0 = time.time()
@@ -214,22 +222,30 @@ def _sweep(o: SweepOptions, runs: list[Run], record: dict, out: pathlib.Path) ->
     (out / RECORD).write_text(json.dumps(record, indent=1))
     todo = [r for r in runs if not (r.workdir / DONE).exists()]
     print(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} already finished), {o.parallel} at a time", flush=True)
-    failed = []
+    failed, running = [], []
     with concurrent.futures.ThreadPoolExecutor(o.parallel) as pool:
         for run, rc, wall in pool.map(lambda r: execute(r, o.job, record["base"]), todo):
+            if isinstance(rc, str):
+                print(f"sweep: {run.name}: running in {rc}; not started again", flush=True)
+                running.append(run.name)
+                continue
             print(f"sweep: {run.name}: {'done' if rc == 0 else f'FAILED (exit {rc})'} in {wall:.0f} s", flush=True)
             if rc:
                 failed.append(run.name)
-    summary = dict(runs=len(runs), ran=len(todo), skipped=len(runs) - len(todo), failed=failed, out=str(out))
+    summary = dict(runs=len(runs), ran=len(todo) - len(running), skipped=len(runs) - len(todo), failed=failed,
+                   running=running, out=str(out))
     if failed:
         print("sweep: failed runs (see their sweep.log):\n  " + "\n  ".join(failed), file=sys.stderr)
+    if running:
+        print("sweep: runs still running in another process (rerun the sweep when they end to "
+              "complete it):\n  " + "\n  ".join(running), file=sys.stderr)
     return summary
 
 
 def main(o: SweepOptions):
     summary = sweep(o)
     print(json.dumps(summary))
-    if summary["failed"]:
+    if summary["failed"] or summary["running"]:  # not complete: a script must not go on
         sys.exit(1)
 
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bert_jax.data import squad, tasks
+from bert_jax.data import squad, tasks, textfile
 from bert_jax.data.tokenizer import Tokenizer, pad_batch
 from bert_jax.tasks import metrics
 from bert_jax.tasks import tagging
@@ -90,7 +90,8 @@ class _TextTask(Task):
         o = self.o
         return tasks.read_text_examples(path, o.text_column, o.label_column if labeled else None,
                                         o.pair_column, regression=self.regression,
-                                        encoding=o.encoding, header=o.header)
+                                        encoding=o.encoding, header=o.header,
+                                        max_chars=textfile.CHARS_PER_TOKEN * o.max_seq_length)
 
     def _targets(self, examples, labels):
         raise NotImplementedError
@@ -179,7 +180,8 @@ class Tagging(Task):
 
     def read(self, path, labeled: bool = True, training: bool = False):
         o = self.o
-        sents = tasks.read_conll(path, o.tag_scheme, labeled=labeled, encoding=o.encoding)
+        sents = tasks.read_conll(path, o.tag_scheme, labeled=labeled, encoding=o.encoding,
+                                 max_chars=textfile.CHARS_PER_TOKEN * o.max_seq_length)
         for s in sents:  # held in IOB2; the model learns o.output_scheme
             s.tags = tagging.convert(s.tags, o.tag_scheme, "IOB2") if labeled else []
         return sents
@@ -263,13 +265,13 @@ class Tagging(Task):
         blank and -DOCSTART- lines as they are (reading drops them, so writing the sentences
         alone moved every line after the first of them)."""
         tags = iter(t for pred in preds for t in tagging.convert(pred, "IOB2", self.o.tag_scheme))
-        lines = []
-        for line in tasks.read_text(pathlib.Path(input_path), self.o.encoding).splitlines():
-            if not line.strip() or line.startswith("-DOCSTART-"):
-                lines.append(line)
-            else:
-                lines.append(f"{line.split()[0]} {next(tags)}")
-        path.write_text("".join(l + "\n" for l in lines), encoding="utf-8")
+        with open(path, "w", encoding="utf-8") as f:
+            for _, (line,) in textfile.rows(input_path, textfile.CHARS_PER_TOKEN * self.o.max_seq_length,
+                                             max_fields=1, encoding=self.o.encoding):
+                if not line.strip() or line.startswith("-DOCSTART-"):
+                    f.write(line + "\n")
+                else:
+                    f.write(f"{line.split()[0]} {next(tags)}\n")
 
 
 # ------------------------------------------------------------------------- QA ----

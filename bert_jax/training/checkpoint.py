@@ -93,6 +93,21 @@ class WorkdirLock:
         self._f = f
         return self
 
+    @staticmethod
+    def holder(workdir: pathlib.Path) -> str | None:
+        """Who holds the lock of `workdir` now (a live process: the kernel drops the lock of
+        a dead one), or None."""
+        path = storage.path(workdir) / ".lock"
+        if storage.is_remote(path) or not path.is_file():
+            return None
+        with open(path) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return f.read().strip() or "another process"
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
     def __exit__(self, *exc):
         if self._f is not None:
             fcntl.flock(self._f, fcntl.LOCK_UN)
