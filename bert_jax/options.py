@@ -294,6 +294,9 @@ class BenchOptions(PretrainOptions):
         False, "Time the input pipeline alone instead of the step: rows of --corpus (tokenized with "
         "--tokenizer, masked, packed as the flags say) made on this one thread, as grain's workers make them.")
     rows: int = option(4000, "--input_pipeline: rows timed.", lower=1)
+    peer: str = option("none", "Also time a peer on each shape, in the same process right after ours: hf = "
+                       "Hugging Face transformers, PyTorch eager, the class with the same heads (needs the "
+                       "test extra).", choices=("none", "hf"))
 
 
 # ------------------------------------------------------------------- finetune ----

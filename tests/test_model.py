@@ -144,6 +144,28 @@ def test_dropout_is_active_only_in_training():
     assert not np.allclose(run(0), run(1))
 
 
+@pytest.mark.parametrize("rate, shape", [(0.1, (64, 4, 33, 32)), (0.37, (1000, 301))])
+def test_dropout_masks_keep_the_asked_rate_and_the_expectation(rate, shape):
+    """Dropout draws two 16-bit numbers per random word (half jax.random.bernoulli's
+    threefry work): the kept share is 1 - rate to within sampling noise, the rate used is
+    1 - rate to within 1/65536 (an odd last axis too), survivors are scaled by exactly it,
+    and the first and second halves of each word are not the same draws."""
+    from bert_jax.model.encoder import dropout, keep_mask
+    keep, kept = keep_mask(jax.random.key(3), 1 - rate, shape)
+    assert keep.shape == shape and abs(kept - (1 - rate)) <= 1 / 65536
+    n = keep.size
+    assert abs(float(keep.mean()) - kept) < 5 * np.sqrt(kept * (1 - kept) / n)
+    half = -(-shape[-1] // 2)
+    first, second = np.asarray(keep[..., :half]), np.asarray(keep[..., half:2 * half])
+    assert 0.95 < np.mean(first[..., :second.shape[-1]] == second) / (kept ** 2 + (1 - kept) ** 2) < 1.05
+    x = jnp.ones(shape, jnp.bfloat16)
+    y = dropout(x, rate, jax.random.key(3))
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y, np.float32) != 0, keep)
+    np.testing.assert_allclose(np.asarray(y[keep], np.float32), 1 / kept, rtol=2 ** -7)  # bfloat16 rounding
+    assert not np.asarray(dropout(x, 1.0, jax.random.key(3))).any()
+
+
 def test_bfloat16_compute_keeps_float32_params():
     cfg = tiny.config("bert")
     params = params_for(cfg)

@@ -392,8 +392,10 @@ def test_bench_counts_flops_and_times_real_steps(tmp_path):
     """bench's FLOP formula agrees with XLA's own count of the compiled train step (loop
     mode: XLA counts a scanned body once) within 10%, for BERT and factorized ALBERT; the
     timed steps really ran (the step counter advanced by warmup + steps and the loss on the
-    repeated batch fell while timing)."""
-    for extra in (["--hidden_size=128", "--num_attention_heads=4", "--intermediate_size=512"],
+    repeated batch fell while timing). --peer=hf times transformers on the same config and
+    batch right after each length: its first loss is chance on the same vocabulary and
+    sentence labels, it changes while timing, and the speed-up is its step time over ours."""
+    for extra in (["--hidden_size=128", "--num_attention_heads=4", "--intermediate_size=512", "--peer=hf"],
                   ["--variant=albert-base", "--hidden_size=128", "--num_attention_heads=4",
                    "--intermediate_size=512", "--embedding_size=64"]):
         res = subprocess.run([sys.executable, "-m", "bert_jax.jobs.bench", f"--flagfile={TINY}", "--steps=3",
@@ -404,7 +406,17 @@ def test_bench_counts_flops_and_times_real_steps(tmp_path):
 
         assert res.returncode == 0, res.stderr[-2000:]
         lines = [json.loads(l) for l in res.stdout.splitlines() if l.startswith("{")]
+        peers = [l for l in lines if l["system"] != "bert_jax"]
+        lines = [l for l in lines if l["system"] == "bert_jax"]
         assert [l["seq_len"] for l in lines] == [32, 64]
+        if "--peer=hf" in extra:
+            assert [p["seq_len"] for p in peers] == [32, 64] and "BertForPreTraining" in peers[0]["system"]
+            for ours, peer in zip(lines, peers):
+                assert peer["bert_jax_speedup"] == pytest.approx(peer["step_ms"] / ours["step_ms"], rel=1e-2)
+                assert peer["first_loss"] == pytest.approx(np.log(1001) + np.log(2), abs=0.5), peer
+                assert np.isfinite(peer["loss"]) and peer["loss"] != peer["first_loss"], peer  # it trained
+        else:
+            assert peers == []
         for l in lines:
             for k in ("compile_s", "step_ms", "real_tokens_per_s", "mfu", "peak_memory_gb", "device"):
                 assert k in l

@@ -3,7 +3,10 @@
     ./launch.sh bench --flagfile=experiments/bert_base_phase1.flags --steps=10 --seq_len=128,512
 
 One JSON line per sequence length: compile_s, step_ms, real_tokens_per_s, mfu,
-peak_memory_gb, device. Batches are random full-length rows (every token real), with
+peak_memory_gb, device. `--peer=hf` adds, per length, a line for Hugging Face
+transformers (PyTorch eager) on the same config, batch and optimizer, timed in the same
+process right after (bert_jax/peers/hf_bench.py), with bert_jax_speedup = its step time
+over ours. Batches are random full-length rows (every token real), with
 masked_lm_prob of the positions predicted, through the same jitted, sharded step as
 `pretrain` (optimizer included).
 
@@ -162,9 +165,16 @@ def main(o: BenchOptions):
         cfg.check_sequence_length(seq, "--seq_len")
         rec = bench_one(cfg, ocfg, o.batch_size, seq, o.masked_lm_prob, o.grad_accum,
                         o.steps, o.warmup, mesh, peak)
-        rec.update(variant=o.model.variant, dtype=cfg.dtype, attention=cfg.attention_impl,
+        rec.update(system="bert_jax", variant=o.model.variant, dtype=cfg.dtype, attention=cfg.attention_impl,
                    remat=cfg.remat_policy, scan=cfg.scan_layers)
         print(json.dumps(rec), flush=True)
+        if o.peer == "hf":
+            from bert_jax.peers import hf_bench  # torch and transformers: the test extra
+            n_pred = max(1, int(round(o.masked_lm_prob * seq)))
+            peer = hf_bench.bench_hf(cfg, ocfg, random_batch(cfg, o.batch_size, seq, n_pred), o.steps, o.warmup)
+            peer.update(variant=o.model.variant, dtype=cfg.dtype,
+                        bert_jax_speedup=round(peer["step_ms"] / rec["step_ms"], 3))
+            print(json.dumps(peer), flush=True)
 
 
 if __name__ == "__main__":

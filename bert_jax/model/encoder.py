@@ -147,7 +147,7 @@ class Embeddings(nn.Module):
             "token_type_embeddings", nn.with_logical_partitioning(init, ("types", "embed")),
             (c.type_vocab_size, E))
         self.norm = LayerNorm(c.layer_norm_eps, dtype=jnp.dtype(c.dtype))
-        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+        self.dropout = Dropout(c.hidden_dropout_prob)
         if E != c.hidden_size:
             self.projection = Dense((c.hidden_size,), ("embed", "embed_out"), jnp.dtype(c.dtype))
 
@@ -192,6 +192,38 @@ def make_attention_mask(attention_mask_BxL=None, segment_ids_BxL=None) -> Attent
     return AttentionMask(mask=None, kv_lengths=None)
 
 
+def keep_mask(rng, keep: float, shape) -> tuple[jax.Array, float]:
+    """A Bernoulli(keep) mask of `shape` and the rate it keeps at. Each 32-bit random word
+    makes two 16-bit draws: half the threefry work of jax.random.bernoulli, whose bits were
+    most of a CPU step's dropout cost (experiments/results/perf.md). `keep` is quantized to
+    1/65536 (0.9 -> 0.899994); callers scale by the rate returned, so the expectation is
+    exactly the input's."""
+    threshold = round(keep * 65536)
+    last = shape[-1]
+    words = jax.random.bits(rng, tuple(shape[:-1]) + (-(-last // 2),), jnp.uint32)
+    draws = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :last]
+    return draws < threshold, threshold / 65536
+
+
+def dropout(x: jax.Array, rate: float, rng) -> jax.Array:
+    """Inverted dropout: each element zeroed with probability `rate`, the rest scaled up."""
+    if rate >= 1.0:
+        return jnp.zeros_like(x)
+    keep, kept = keep_mask(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / kept, 0).astype(x.dtype)
+
+
+class Dropout(nn.Module):
+    """nn.Dropout's interface, drawing its mask with `keep_mask`."""
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        return dropout(x, self.rate, self.make_rng("dropout"))
+
+
 def attention_implementation(cfg: ModelConfig) -> str:
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
@@ -209,9 +241,7 @@ def attend(q_BxLxNxK, k_BxLxNxK, v_BxLxNxK, mask: AttentionMask, cfg: ModelConfi
                             preferred_element_type=jnp.float32) / jnp.sqrt(q_BxLxNxK.shape[-1])
         if mask.mask is not None:
             logits = jnp.where(mask.mask, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1)
-        keep = 1.0 - cfg.attention_probs_dropout_prob
-        probs = jnp.where(jax.random.bernoulli(dropout_rng, keep, probs.shape), probs / keep, 0.0)
+        probs = dropout(jax.nn.softmax(logits, axis=-1), cfg.attention_probs_dropout_prob, dropout_rng)
         return jnp.einsum("bnqs,bsnk->bqnk", probs.astype(v_BxLxNxK.dtype), v_BxLxNxK)
     impl = attention_implementation(cfg)
     if impl == "cudnn" and mask.kv_lengths is not None:
@@ -243,7 +273,7 @@ class SelfAttention(nn.Module):
         ctx_BxLxNxK = attend(q_BxLxNxK, k_BxLxNxK, v_BxLxNxK, mask, c, rng)
         out_BxLxH = Dense((c.hidden_size,), ("heads", "kv", "embed"), dt, n_in=2,
                           copies=self.copies, name="output")(ctx_BxLxNxK, copy)
-        out_BxLxH = nn.Dropout(c.hidden_dropout_prob)(out_BxLxH, deterministic=self.deterministic)
+        out_BxLxH = Dropout(c.hidden_dropout_prob)(out_BxLxH, deterministic=self.deterministic)
         return LayerNorm(c.layer_norm_eps, dt, self.copies, name="norm")(x_BxLxH + out_BxLxH, copy)
 
 
@@ -262,7 +292,7 @@ class FeedForward(nn.Module):
         h_BxLxF = constrain(activation(c.hidden_act)(h_BxLxF), ("act_batch", "act_length", "act_mlp"))
         h_BxLxH = Dense((c.hidden_size,), ("mlp", "embed"), dt, copies=self.copies,
                         name="output")(h_BxLxF, copy)
-        h_BxLxH = nn.Dropout(c.hidden_dropout_prob)(h_BxLxH, deterministic=self.deterministic)
+        h_BxLxH = Dropout(c.hidden_dropout_prob)(h_BxLxH, deterministic=self.deterministic)
         return LayerNorm(c.layer_norm_eps, dt, self.copies, name="norm")(x_BxLxH + h_BxLxH, copy)
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from bert_jax.model.config import ModelConfig
-from bert_jax.model.encoder import Backbone, Dense, LayerNorm, activation, bank_param
+from bert_jax.model.encoder import Backbone, Dense, Dropout, LayerNorm, activation, bank_param
 
 TASKS = ("base", "pretraining", "sequence_classification", "token_classification",
          "question_answering")
@@ -64,7 +64,7 @@ class PreTrainingModel(nn.Module):
         self.mlm = MLMHead(self.cfg)
         if self.has_sentence_head:
             self.sentence = Dense((2,), ("embed", "classes"), name="sentence")
-            self.sentence_dropout = nn.Dropout(self.cfg.head_dropout)
+            self.sentence_dropout = Dropout(self.cfg.head_dropout)
 
     def __call__(self, input_ids_BxL, token_type_ids_BxL=None, attention_mask_BxL=None,
                  masked_positions_BxP=None, position_ids_BxL=None, segment_ids_BxL=None,
@@ -100,7 +100,7 @@ class SequenceClassifier(nn.Module):
         out = Backbone(c, add_pooler=not roberta, name="backbone")(
             input_ids_BxL, token_type_ids_BxL, attention_mask_BxL, position_ids_BxL,
             segment_ids_BxL, deterministic=deterministic)
-        drop = nn.Dropout(c.head_dropout)
+        drop = Dropout(c.head_dropout)
         if roberta:
             x_BxH = drop(out["sequence_output"][:, 0], deterministic=deterministic)
             x_BxH = jnp.tanh(Dense((c.hidden_size,), ("embed", "embed_out"), dt,
@@ -122,7 +122,7 @@ class TokenClassifier(nn.Module):
         out = Backbone(c, add_pooler=False, name="backbone")(
             input_ids_BxL, token_type_ids_BxL, attention_mask_BxL, position_ids_BxL,
             segment_ids_BxL, deterministic=deterministic)
-        x_BxLxH = nn.Dropout(c.head_dropout)(out["sequence_output"], deterministic=deterministic)
+        x_BxLxH = Dropout(c.head_dropout)(out["sequence_output"], deterministic=deterministic)
         return Dense((c.num_labels,), ("embed", "classes"), jnp.dtype(c.dtype),
                      name="classifier")(x_BxLxH).astype(jnp.float32)
 
