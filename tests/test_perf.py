@@ -34,7 +34,8 @@ def test_step_program_does_not_grow_with_depth(small, big):
 
 def test_gpu_script_bench_lines_parse():
     """Every bench command of experiments/gpu/h200.sh parses through the real flags: the
-    four rows of the issue, each with attention dropout 0.1 and 0, in bfloat16."""
+    four rows of the issue, each with attention dropout 0.1 and 0, in bfloat16; BERT-base
+    first (a short GPU allowance measures what matters most), within a 9-minute budget."""
     import pathlib
     import subprocess
     import sys
@@ -44,7 +45,7 @@ def test_gpu_script_bench_lines_parse():
     repo = pathlib.Path(__file__).resolve().parents[1]
     out = subprocess.run(["bash", str(repo / "experiments/gpu/h200.sh")], env={"PRINT": "1", "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True, check=True).stdout.split("\n")
-    rows = set()
+    rows, order = set(), []
     for line in filter(None, out):
         fv = absl_flags.FlagValues()
         flags.define(BenchOptions, fv)
@@ -52,6 +53,9 @@ def test_gpu_script_bench_lines_parse():
         o = flags.read(BenchOptions, fv)
         assert o.model.dtype == "bfloat16" and o.steps >= 10
         rows.add((o.model.variant, o.seq_len, o.batch_size, o.model.attention_probs_dropout_prob))
+        order.append(o.model.variant)
     want = {(v, (str(s),), b) for v, s, b in (("bert-base", 128, 256), ("bert-base", 512, 64),
                                                 ("bert-large", 512, 32), ("albert-base", 512, 64))}
     assert rows == {w + (d,) for w in want for d in (0.1, 0.0)}
+    assert order[:4] == ["bert-base"] * 4
+    assert "budget=${BUDGET_S:-540}" in (repo / "experiments/gpu/h200.sh").read_text()
