@@ -265,6 +265,7 @@ class Finetuner:
         """The state at step 0 on the mesh around the loaded backbone and the fresh head
         (self.params); its dropout key is split from --seed as pretraining's is."""
         placed = jax.tree.map(train.place, self.params, self.state_sh.params)
+        self.params = None  # the host copy: 1x the params of peak memory, the state holds them now
         return train.state_around(placed, self.tx, self.o.seed, self.state_sh, self.mesh)
 
     def _run(self) -> dict:
