@@ -38,7 +38,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterator, Sequence
 
+import blingfire
 import numpy as np
+import pysbd
 from absl import logging
 
 from bert_jax import storage
@@ -101,10 +103,8 @@ def fingerprint(files: Sequence[pathlib.Path], tokenizer: Tokenizer, document_bo
 def splitter_fn(name: str):
     """paragraph -> its sentences, by the splitter `name` (SPLITTERS)."""
     if name == "pysbd":
-        import pysbd
         return pysbd.Segmenter(language="en", clean=False).segment
     if name == "blingfire":
-        import blingfire
         return lambda p: blingfire.text_to_sentences(p).split("\n")
     raise ValueError(f"--sentence_splitter={name!r}: must be one of {SPLITTERS}")
 

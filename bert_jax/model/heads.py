@@ -1,6 +1,6 @@
 """Task heads and the task models built from Backbone + head.
 
-Shape legend as in model.py, plus P = max_predictions_per_seq (masked positions per row)
+Shape legend as in encoder.py, plus P = max_predictions_per_seq (masked positions per row)
 and C = number of labels.
 
 Which models carry the pooler follows the Hugging Face classes, so that weights map one

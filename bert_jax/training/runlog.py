@@ -25,6 +25,7 @@ from typing import Callable
 
 import jax
 from absl import logging
+from tqdm import tqdm
 
 from bert_jax import storage
 from bert_jax.errors import BertJaxError
@@ -53,7 +54,6 @@ class RunLog:
             keep_until(self.path, start)
         self.bar = None
         if self.chief and progress_bar:
-            from tqdm import tqdm
             self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", mininterval=1.0)
         self.writer = train.tensorboard_writer(workdir)
         self.acc, self.host, self.t_last = None, None, time.perf_counter()

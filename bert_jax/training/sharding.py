@@ -5,7 +5,7 @@ Mesh axes:
   fsdp    data parallelism with params, gradients and optimizer state sharded across it
   tensor  tensor (model) parallelism: heads, FFN width and vocabulary split across it
 
-Weight axes are named where params are created (model.py, heads.py); activation axes
+Weight axes are named where params are created (model/encoder.py, model/heads.py); activation axes
 use the separate `act_*` vocabulary so that the two can be sharded independently.
 """
 
