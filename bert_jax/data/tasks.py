@@ -109,9 +109,8 @@ def read_text_examples(path: str | pathlib.Path, text_column: str, label_column:
             else:
                 label = str(label).strip()
         ident = next((str(r[c]) for c in ID_COLUMNS if isinstance(r, dict) and c in r), str(i))
-        out.append(TextExample(textfile.cut(str(get[text_column]), max_chars).strip(),
-                               textfile.cut(str(get[pair_column]), max_chars).strip() if pair_column else None,
-                               label, where, ident))
+        out.append(TextExample(str(get[text_column]).strip(),
+                               str(get[pair_column]).strip() if pair_column else None, label, where, ident))
     return out
 
 
@@ -130,7 +129,7 @@ def _csv_rows(path: pathlib.Path, reader) -> Iterator[tuple[int, list[str]]]:
 def _rows(path: pathlib.Path, encoding: str, header: bool, max_chars: int | None
           ) -> tuple[list[str] | None, list[tuple[int, dict | list]]]:
     """(header names or None, [(line, row)]): JSONL objects, or CSV/TSV rows as dicts by
-    header name (lists without one)."""
+    header name (lists without one); every string field cut to `max_chars` as it is read."""
     rows: list[tuple[int, dict | list]] = []
     if path.suffix == ".jsonl":
         with open(path, encoding=textfile.codec(encoding)) as f:
@@ -142,7 +141,8 @@ def _rows(path: pathlib.Path, encoding: str, header: bool, max_chars: int | None
                         raise TaskDataError(f"{path}:{i}: not JSON ({e})") from None
                     if not isinstance(row, dict):
                         raise TaskDataError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
-                    rows.append((i, row))
+                    rows.append((i, {k: textfile.cut(v, max_chars) if isinstance(v, str) else v
+                                     for k, v in row.items()}))
         return None, rows
     if path.suffix == ".csv":
         f = open(path, encoding=textfile.codec(encoding), newline="")

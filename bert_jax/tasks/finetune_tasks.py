@@ -63,6 +63,8 @@ class Task:
 
     def __init__(self, o):
         self.o = o
+        # What the readers keep of one text: the tokenizer cuts there too (textfile.cut)
+        self.max_chars = textfile.CHARS_PER_TOKEN * o.max_seq_length
 
     def label_set(self, examples) -> list[str]:
         return []
@@ -91,7 +93,7 @@ class _TextTask(Task):
         return tasks.read_text_examples(path, o.text_column, o.label_column if labeled else None,
                                         o.pair_column, regression=self.regression,
                                         encoding=o.encoding, header=o.header,
-                                        max_chars=textfile.CHARS_PER_TOKEN * o.max_seq_length)
+                                        max_chars=self.max_chars)
 
     def _targets(self, examples, labels):
         raise NotImplementedError
@@ -181,7 +183,7 @@ class Tagging(Task):
     def read(self, path, labeled: bool = True, training: bool = False):
         o = self.o
         sents = tasks.read_conll(path, o.tag_scheme, labeled=labeled, encoding=o.encoding,
-                                 max_chars=textfile.CHARS_PER_TOKEN * o.max_seq_length)
+                                 max_chars=self.max_chars)
         for s in sents:  # held in IOB2; the model learns o.output_scheme
             s.tags = tagging.convert(s.tags, o.tag_scheme, "IOB2") if labeled else []
         return sents
@@ -266,8 +268,7 @@ class Tagging(Task):
         alone moved every line after the first of them)."""
         tags = iter(t for pred in preds for t in tagging.convert(pred, "IOB2", self.o.tag_scheme))
         with open(path, "w", encoding="utf-8") as f:
-            for _, (line,) in textfile.rows(input_path, textfile.CHARS_PER_TOKEN * self.o.max_seq_length,
-                                             max_fields=1, encoding=self.o.encoding):
+            for _, (line,) in textfile.rows(input_path, self.max_chars, max_fields=1, encoding=self.o.encoding):
                 if not line.strip() or line.startswith("-DOCSTART-"):
                     f.write(line + "\n")
                 else:
