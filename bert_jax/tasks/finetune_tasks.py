@@ -63,8 +63,11 @@ class Task:
 
     def __init__(self, o):
         self.o = o
-        # What the readers keep of one text: the tokenizer cuts there too (textfile.cut)
-        self.max_chars = textfile.CHARS_PER_TOKEN * o.max_seq_length
+
+    @property
+    def max_chars(self) -> int:
+        """What the readers keep of one text: the tokenizer cuts there too (textfile.cut)."""
+        return textfile.CHARS_PER_TOKEN * self.o.max_seq_length
 
     def label_set(self, examples) -> list[str]:
         return []
