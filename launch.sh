@@ -43,7 +43,7 @@ while [[ ${1:-} == --* ]]; do
   shift
 done
 
-jobs="pretrain finetune predict vocab convert encode bench report sweep heldout tokenizer_bench"
+jobs="pretrain finetune predict vocab convert encode bench report sweep heldout split tokenizer_bench"
 if [[ $# -lt 1 ]]; then
   echo "usage: ./launch.sh [--procs=N] <job|test> [args...]   jobs: $jobs" >&2
   exit 2

@@ -193,8 +193,8 @@ def quiet_library_logs(fv: flags.FlagValues = FLAGS) -> None:
 
 
 def _multiprocess() -> bool:
-    from jax._src import distributed
-    return distributed.global_state.client is not None
+    import jax
+    return jax.distributed.is_initialized()
 
 
 def run_job(main, cls, positional: bool = False) -> None:

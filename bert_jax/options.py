@@ -417,6 +417,19 @@ class ConvertOptions:
             raise ValueError("--checkpoint needs --to_hf")
 
 
+# ---------------------------------------------------------------------- split ----
+@dataclasses.dataclass(frozen=True)
+class SplitOptions:
+    REQUIRED: ClassVar[tuple[str, ...]] = ("input", "out")
+    kind: str = option("rows", "What to split: rows (a TSV with a header) or squad_articles (SQuAD JSON, whole "
+                       "articles on each side).", choices=("rows", "squad_articles"))
+    input: str | None = option(None, "File to split.")
+    out: str | None = option(None, "Folder for the two parts (train and dev).")
+    dev_size: int = option(408, "rows: dev rows (GLUE's MRPC dev has 408).", lower=1)
+    dev_fraction: float = option(0.25, "squad_articles: share of articles for dev.", lower=0.0, upper=1.0)
+    seed: int = option(0, "Seed of the draw.")
+
+
 # --------------------------------------------------------------- side_by_side ----
 @dataclasses.dataclass(frozen=True)
 class SideBySideOptions:

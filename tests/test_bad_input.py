@@ -36,16 +36,18 @@ def test_squad_without_context_and_too_little_heldout_text_are_named(tmp_path):
     for one row gave a ValueError traceback."""
     import jax
     from flax import linen as nn
-    from bert_jax.data import tasks, vocab
+    from tiny import config
+
+    from bert_jax.data import vocab
     from bert_jax.interop import convert
     from bert_jax.jobs import heldout
     from bert_jax.model.heads import init_params
     from bert_jax.options import HeldoutOptions
-    from tiny import config
+    from bert_jax.tasks import readers
     squad = tmp_path / "squad.json"
     squad.write_text(json.dumps({"data": [{"paragraphs": [{"qas": [{"id": "q", "question": "?"}]}]}]}))
-    with pytest.raises(tasks.TaskDataError, match=r"squad.json: data\[0\].paragraphs\[0\]: no 'context' string"):
-        tasks.read_squad(squad)
+    with pytest.raises(readers.TaskDataError, match=r"squad.json: data\[0\].paragraphs\[0\]: no 'context' string"):
+        readers.read_squad(squad)
     tok = vocab.train("wordpiece", f"{REPO}/bert_jax/corpus/train/shakespeare-caesar.txt", 99, tmp_path / "tok")
     cfg = config(vocab_size=tok.vocab_size)
     convert.save_ours(tmp_path / "ck", cfg, "pretraining",

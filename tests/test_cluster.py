@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from bert_jax.training import checkpoint
+from bert_jax import checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / "experiments" / "tiny.flags"
@@ -198,8 +198,9 @@ def test_fsdp_splits_params_and_optimizer_state_eight_ways(variant):
     """On 8 devices with --mesh_fsdp=8, each device holds 1/8 of the params and Adam
     state (within 5%: only small vectors are replicated); with --mesh_tensor=2 the
     attention heads and the MLP are split over `tensor`."""
+    from bert_jax import sharding
     from bert_jax.model.config import variant as get_variant
-    from bert_jax.training import optim, sharding, train
+    from bert_jax.training import optim, train
     cfg = get_variant(variant)
     tx = optim.make(optim.OptimConfig())
     abstract, shardings = train.state_shardings(cfg, tx, 128, sharding.make_mesh(data=1, fsdp=8, tensor=1))

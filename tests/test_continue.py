@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from absl import flags as absl_flags
 
-from bert_jax import flags
+from bert_jax import checkpoint, flags, sharding
 from bert_jax.data import loader, vocab
 from bert_jax.data.tokenizer import Tokenizer
 from bert_jax.options import PretrainOptions
-from bert_jax.training import checkpoint, pretraining
+from bert_jax.training import pretraining
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / "experiments" / "tiny.flags"
@@ -234,7 +234,7 @@ def test_phase2_carries_state_and_schedule(phase1, tok_dir, tmp_path):
     # what phase 1 left: the state phase 2 must start from
     cfg = checkpoint.read_config(wd)
     tx = optim.make(optim.OptimConfig(learning_rate=1e-3, warmup_steps=2, train_steps=12))
-    abstract, shard = train.state_shardings(cfg, tx, 32, pretraining.sharding.make_mesh(1))
+    abstract, shard = train.state_shardings(cfg, tx, 32, sharding.make_mesh(1))
     ck = checkpoint.Checkpointer(wd, async_save=False)
     _, before, _, _ = ck.restore_latest(abstract, shard)
     ck.close()
@@ -250,8 +250,8 @@ def test_phase2_carries_state_and_schedule(phase1, tok_dir, tmp_path):
     batch = next(it)
     loader.close_iterator(it)
     assert batch["input_ids"].shape == (8, 64)
-    mesh = pretraining.sharding.make_mesh(1)
-    step = train.make_train_step(cfg, tx, 1, shard, lambda n: pretraining.sharding.data_sharding(mesh, n),
+    mesh = sharding.make_mesh(1)
+    step = train.make_train_step(cfg, tx, 1, shard, lambda n: sharding.data_sharding(mesh, n),
                                  batch, mesh)
     with jax.set_mesh(mesh):
         expect, m7 = step(before, batch)

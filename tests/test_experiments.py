@@ -76,16 +76,30 @@ def test_finetune_flag_file_parses(path, monkeypatch):
 
 
 def test_split_tool(shared_data, tmp_path):
-    from bert_jax.data import split, tasks
+    from bert_jax.jobs import split
+    from bert_jax.tasks import readers
     a, b = split.split_rows(shared_data / "pair/mrpc/msr_paraphrase_train.txt", tmp_path / "m", 408)
     assert (a, b) == (3668, 408)  # GLUE's MRPC train/dev sizes
-    tr = tasks.read_text_examples(tmp_path / "m/train.tsv", "#1 String", "Quality", "#2 String")
-    dv = tasks.read_text_examples(tmp_path / "m/dev.tsv", "#1 String", "Quality", "#2 String")
+    tr = readers.read_text_examples(tmp_path / "m/train.tsv", "#1 String", "Quality", "#2 String")
+    dv = readers.read_text_examples(tmp_path / "m/dev.tsv", "#1 String", "Quality", "#2 String")
     assert len(tr) == 3668 and len(dv) == 408
     a, b = split.split_squad(shared_data / "qa/squad_v1.1_dev_rebuilt_minus_xquad.json", tmp_path / "s", 0.25)
     assert a + b == 48
     titles = lambda p: {x["title"] for x in json.loads(p.read_text())["data"]}  # noqa: E731
     assert not titles(tmp_path / "s/train.json") & titles(tmp_path / "s/dev.json")
+
+
+def test_split_never_writes_over_its_input(tmp_path):
+    from bert_jax import paths
+    from bert_jax.jobs import split
+    src = tmp_path / "train.tsv"
+    src.write_text("sentence\tlabel\n" + "".join(f"row {i}\t{i % 2}\n" for i in range(10)))
+    before = src.read_text()
+    with pytest.raises(paths.OverwritesInputError, match="--out="):
+        split.split_rows(src, tmp_path, 3)  # its train.tsv would be the input
+    assert src.read_text() == before and not (tmp_path / "dev.tsv").exists()
+    with pytest.raises(split.SplitError, match="--dev_size=10: .* has only 10 rows"):
+        split.split_rows(src, tmp_path / "out", 10)
 
 
 def expanded(path: pathlib.Path) -> str:

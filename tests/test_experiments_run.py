@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 from absl import flags as absl_flags
 
-from bert_jax import flags
-from bert_jax.data import split
+from bert_jax import checkpoint, flags
 from bert_jax.data import vocab
 from bert_jax.data.tokenizer import Tokenizer
 from bert_jax.interop import convert
+from bert_jax.jobs import split
 from bert_jax.options import FinetuneOptions, PretrainOptions
-from bert_jax.training import checkpoint
 from bert_jax.training import pretraining
 from bert_jax.training.finetuning import Finetuner
 
@@ -91,6 +90,7 @@ def test_pretrain_flag_file_runs(path, tmp_path, spiece, cache_dir, shared_data,
 def tiny_bert(shared_data, tmp_path_factory):
     import jax
     from flax import linen as nn
+
     from bert_jax.model.config import ModelConfig
     from bert_jax.model.heads import init_params
     cfg = ModelConfig(family="bert", vocab_size=30522, hidden_size=32, num_hidden_layers=2,
@@ -165,10 +165,10 @@ def test_squad_v2_no_answer_decoding(tiny_bert, shared_data, tmp_path):
     unanswerable there), a null threshold of -inf predicts no answer everywhere, which
     scores exactly the unanswerable share; +inf never predicts no answer, which scores 0
     on the unanswerable ones."""
+    from bert_jax.tasks import readers
     from bert_jax.training.finetuning import FinetuneOptions
-    from bert_jax.data import tasks
     f = small_squad(shared_data, tmp_path / "v2.json", 4, v2=True)
-    ex = tasks.read_squad(f)
+    ex = readers.read_squad(f)
     impossible = {e.id for e in ex if not e.answers}
     assert 0.25 < len(impossible) / len(ex) < 0.45
     scores = {}

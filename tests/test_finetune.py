@@ -150,6 +150,7 @@ def test_export_keeps_label_names_and_report_reads_every_run(shared_data, tiny_c
     the scheme the model was trained in). `report` then tabulates the fine-tuning runs."""
     import subprocess
     import sys
+
     import transformers
     rows = (shared_data / "classification/sst2/train.tsv").read_text(encoding="utf-8").splitlines()[1:33]
     named = tmp_path / "named.tsv"
@@ -193,6 +194,7 @@ def test_roberta_and_albert_fine_tune_end_to_end(family, shared_data, tmp_path):
     RoBERTa's layout; a SentencePiece model from the vocab job) and heads (RoBERTa's
     classification head, ALBERT's shared layers): they overfit 48 real SST-2 rows."""
     import pathlib
+
     from bert_jax.data import vocab
     from bert_jax.data.tokenizer import Tokenizer
     repo = pathlib.Path(__file__).resolve().parents[1]
@@ -220,7 +222,7 @@ def test_one_run_per_workdir(shared_data, tiny_checkpoint, tmp_path):
     """A workdir in use is refused naming its holder; a workdir of another run (other
     options) is refused naming the options; the same run again returns its results, and
     an unfinished one resumes from its checkpoint without repeating lines of metrics.jsonl."""
-    from bert_jax.training import checkpoint
+    from bert_jax import checkpoint
     train = head(shared_data / "classification/sst2/train.tsv", 16, tmp_path, "sst2.tsv")
     s = run(tiny_checkpoint, tmp_path, "classification", train, epochs=1)
     wd = tmp_path / "wd"

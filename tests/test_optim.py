@@ -5,12 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from bert_jax.training import optim
-from bert_jax.training import sharding
-from bert_jax.training import train
-
 import tiny
+
+from bert_jax import sharding
+from bert_jax.training import optim, train
 
 PARAMS = {"dense": {"kernel": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4),
                     "bias": np.array([0.5, -0.25, 0.0, 1.0], np.float32)},

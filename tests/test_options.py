@@ -12,12 +12,11 @@ from absl import flags as absl_flags
 from bert_jax import flags, options
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-JOBS = {  # job module -> its options class
-    "pretrain": options.PretrainOptions, "finetune": options.FinetuneOptions,
-    "predict": options.PredictOptions, "vocab": options.VocabOptions, "encode": options.EncodeOptions,
-    "convert": options.ConvertOptions, "bench": options.BenchOptions, "report": options.ReportOptions,
-    "tokenizer_bench": options.TokenizerBenchOptions, "peers.side_by_side": options.SideBySideOptions,
-    "peers.hf_finetune": options.FinetuneOptions,
+LAUNCH_JOBS = next(l for l in (REPO / "launch.sh").read_text().splitlines() if l.startswith("jobs=")
+                   ).split("=", 1)[1].strip('"').split()
+JOBS = {  # job module -> its options class: every ./launch.sh job, and the peers
+    **{job: getattr(options, "".join(w.title() for w in job.split("_")) + "Options") for job in LAUNCH_JOBS},
+    "peers.side_by_side": options.SideBySideOptions, "peers.hf_finetune": options.FinetuneOptions,
 }
 
 
@@ -79,6 +78,14 @@ def _imports(path: pathlib.Path) -> set[str]:
     return out
 
 
+def test_only_the_flag_layer_defines_absl_flags():
+    """A module defining absl flags at import time adds them to every job that imports it
+    (and escapes the options classes): only flags.py turns options into flags."""
+    for path in (REPO / "bert_jax").rglob("*.py"):
+        if path.name != "flags.py":
+            assert "DEFINE_" not in path.read_text(), f"{path.relative_to(REPO)} defines absl flags"
+
+
 def test_library_code_never_imports_the_flag_layer():
     for path in (REPO / "bert_jax").rglob("*.py"):
         if path.parent.name in ("jobs", "peers") or path.name == "flags.py":  # the jobs and the flag layer
@@ -96,6 +103,7 @@ def test_help_lists_the_jobs_own_flags():
 def test_every_error_class_is_a_bert_jax_error_and_jobs_print_it_without_a_traceback(tmp_path):
     import importlib
     import subprocess
+
     from bert_jax.errors import BertJaxError
     classes = []
     for path in (REPO / "bert_jax").rglob("*.py"):
@@ -130,3 +138,45 @@ def test_nonsense_optimization_settings_are_refused_by_name(cls, bad, name):
     flags.define(cls, fv, required=False)
     fv([sys.argv[0], "--learning_rate=0" if "learning_rate" in [f.flag for f in flags.fields(cls)] else "--seed=1"])
     flags.read(cls, fv)
+
+
+def _choices(cls, name):
+    return next(f.field.metadata["choices"] for f in flags.fields(cls) if f.flag == name)
+
+
+def test_choices_are_the_registries_they_name():
+    """options.py imports nothing of bert_jax, so its `choices` are written out; each must
+    be the registry that serves it (adding an entry there and not here, or the reverse,
+    fails here rather than as a KeyError after start-up)."""
+    from bert_jax.data import cache, tokenizer
+    from bert_jax.model import config, encoder, objectives
+    from bert_jax.tasks import finetune_tasks, tagging
+    from bert_jax.training import finetuning, optim
+    assert options.FAMILIES == config.FAMILIES
+    assert options.DEFAULT_VARIANT in config.VARIANTS
+    pairs = {
+        ("objective", options.ModelOptions): tuple(objectives.OBJECTIVES),
+        ("share_scope", options.ModelOptions): config.SHARE_SCOPES,
+        ("hidden_act", options.ModelOptions): tuple(encoder.ACTIVATIONS),
+        ("remat_policy", options.ModelOptions): ("none", *encoder.REMAT_POLICIES),
+        ("attention_impl", options.ModelOptions): config.ATTENTION_IMPLS,
+        ("sentence_splitter", options.PretrainOptions): cache.SPLITTERS,
+        ("kind", options.VocabOptions): tokenizer.KINDS,
+        ("task", options.FinetuneOptions): tuple(finetune_tasks.TASKS),
+        ("tag_scheme", options.FinetuneOptions): tagging.SCHEMES,
+        ("output_scheme", options.FinetuneOptions): tagging.SCHEMES,
+    }
+    for (name, cls), registry in pairs.items():
+        assert set(_choices(cls, name)) == set(registry), f"--{name}: choices {_choices(cls, name)}, registry {registry}"
+    assert config.ACTIVATIONS == tuple(encoder.ACTIVATIONS) and config.OBJECTIVES == tuple(objectives.OBJECTIVES)
+    assert config.REMAT_POLICIES == ("none", *encoder.REMAT_POLICIES)
+    assert finetuning.TASKS == tuple(finetune_tasks.TASKS)
+    # every choice is served, not only listed: each builds
+    import jax.numpy as jnp
+    params = {"dense": {"kernel": jnp.ones((2, 2))}}
+    for name in _choices(options.OptimizerOptions, "optimizer"):
+        tx = optim.make(options.OptimConfig(optimizer=name, train_steps=10, warmup_steps=1))
+        updates, _ = tx.update(params, tx.init(params), params)
+        assert updates["dense"]["kernel"].shape == (2, 2), name
+    for name in cache.SPLITTERS:
+        assert len(cache.splitter_fn(name)("One sentence here. Another one there.")) == 2, name

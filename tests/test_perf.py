@@ -4,9 +4,10 @@
 import jax
 import pytest
 
+from bert_jax import sharding
 from bert_jax.jobs import bench
 from bert_jax.model.config import variant
-from bert_jax.training import optim, sharding, train
+from bert_jax.training import optim, train
 
 
 def lowered_size(name: str, seq: int = 128, batch: int = 8) -> int:
@@ -39,7 +40,9 @@ def test_gpu_script_bench_lines_parse():
     import pathlib
     import subprocess
     import sys
+
     from absl import flags as absl_flags
+
     from bert_jax import flags
     from bert_jax.options import BenchOptions
     repo = pathlib.Path(__file__).resolve().parents[1]

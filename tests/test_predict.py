@@ -166,7 +166,7 @@ def test_eval_labels_are_checked_before_training(shared_data, tiny_checkpoint, t
 def test_latin1_and_headerless_inputs(shared_data, tiny_checkpoint, tmp_path):
     """A Latin-1 file read as UTF-8 names file, line and --encoding; with --encoding it
     reads. A headerless file takes its columns by number."""
-    from bert_jax.data.tasks import TaskDataError, read_text_examples
+    from bert_jax.tasks.readers import TaskDataError, read_text_examples
     latin = tmp_path / "latin.tsv"
     latin.write_bytes("sentence\tlabel\nnice\t1\ncaf\u00e9 cr\u00e8me\t0\n".encode("latin-1"))
     with pytest.raises(TaskDataError, match=r"latin.tsv:3: byte 0xe9 at column 4 is not utf-8 text.*--encoding"):

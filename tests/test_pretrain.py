@@ -15,14 +15,12 @@ import numpy as np
 import pytest
 from absl import flags as absl_flags
 
-from bert_jax import flags
+from bert_jax import checkpoint, flags
 from bert_jax.data.corpus import CorpusError
+from bert_jax.interop import convert
 from bert_jax.model.config import ConfigError
 from bert_jax.options import PretrainOptions
-from bert_jax.interop import convert
-from bert_jax.training import checkpoint
-from bert_jax.training import pretraining
-from bert_jax.training import runlog
+from bert_jax.training import pretraining, runlog
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / "experiments" / "tiny.flags"
@@ -430,6 +428,7 @@ def test_report_writes_table_and_plot(reference, tmp_path):
     """A folder mixing a pretraining run and a fine-tuning run's log (written by the
     shared run log's schema) gives one row and one plot each."""
     import shutil
+
     from bert_jax.training import runlog
     runs = tmp_path / "runs"
     shutil.copytree(reference, runs / "pre")
@@ -501,6 +500,7 @@ def test_objective_is_a_flag_of_any_family(variant, objective, hf_class, tmp_pat
     class that holds the objective's heads (equal MLM logits) or refuses by name."""
     import torch
     import transformers
+
     from bert_jax.interop import convert
     from bert_jax.model.heads import build_model
     extra = ["--embedding_size=24", "--num_hidden_groups=1"] if variant.startswith("albert") else []

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+from bert_jax import checkpoint
 from bert_jax.interop import convert
-from bert_jax.training import checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WALL_CLOCK_FIELDS = {"tokens_per_s"}

@@ -5,13 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 from flax import linen as nn
 from jax.sharding import NamedSharding
 
+from bert_jax import sharding
 from bert_jax.model.heads import abstract_params, build_model, init_params
-from bert_jax.training import sharding
-
-import tiny
 
 
 def mesh():

@@ -19,16 +19,15 @@ import subprocess
 
 import pytest
 from etils import epath
+from test_pretrain import REPO, assert_same_params, losses, options, tokenizer_dir
 
-from bert_jax import storage
+from bert_jax import checkpoint, storage
 from bert_jax.data import cache
 from bert_jax.jobs import heldout
 from bert_jax.jobs.predict import predict
 from bert_jax.options import HeldoutOptions, PredictOptions
-from bert_jax.training import checkpoint, pretraining, runlog
+from bert_jax.training import pretraining, runlog
 from bert_jax.training.finetuning import FinetuneOptions, Finetuner
-
-from test_pretrain import REPO, assert_same_params, losses, options, tokenizer_dir
 
 FIXTURES = (tokenizer_dir,)  # test_pretrain's autouse tokenizer, trained once for this module
 

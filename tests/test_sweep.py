@@ -93,7 +93,7 @@ def test_a_sweep_folder_of_another_base_is_refused(tmp_path):
 
 def test_a_sweep_folder_in_use_is_refused_before_any_run(tmp_path):
     """Two sweeps on one folder would start the same runs and mark each other's failed."""
-    from bert_jax.training import checkpoint
+    from bert_jax import checkpoint
     out = tmp_path / "s"
     o = SweepOptions(job="pretrain", base=str(TINY), grid="hidden_size=32,48", out=str(out))
     with checkpoint.WorkdirLock(out, "sweep", flag="--out", chief=True):
@@ -107,7 +107,7 @@ def test_a_run_held_by_a_live_process_is_running_not_failed(tmp_path, capsys):
     """A rerun that finds a run's folder locked by a live process (a run started by hand, or
     a child its killed launcher left) reported it failed ("in use") and wrote
     sweep_failed.json: it is running; it is neither started again nor marked failed."""
-    from bert_jax.training import checkpoint
+    from bert_jax import checkpoint
     o = SweepOptions(job="pretrain", base=str(TINY), grid="hidden_size=32", out=str(tmp_path / "s"))
     (run,), record = sweep_lib.plan(o)
     (tmp_path / "s").mkdir()

@@ -8,10 +8,8 @@ from scipy import stats
 from seqeval.metrics import f1_score as seqeval_f1
 from sklearn import metrics as skm
 
-from bert_jax.data import squad, tasks
 from bert_jax.data.tokenizer import Tokenizer
-from bert_jax.tasks import metrics
-from bert_jax.tasks import tagging
+from bert_jax.tasks import metrics, readers, squad, tagging
 
 
 def test_classification_metrics_equal_sklearn():
@@ -56,7 +54,7 @@ def test_entity_f1_equals_seqeval():
 
 @pytest.fixture(scope="module")
 def conll(shared_data):
-    return tasks.read_conll(shared_data / "ner/conll2003/valid.txt", "IOB2")
+    return readers.read_conll(shared_data / "ner/conll2003/valid.txt", "IOB2")
 
 
 def test_conll_valid_counts(conll):
@@ -98,20 +96,20 @@ def test_viterbi_only_emits_valid_sequences(scheme):
 def test_bad_conll_tag_sequence_names_file_and_line(tmp_path):
     f = tmp_path / "bad.txt"
     f.write_text("-DOCSTART- -X- -X- O\n\nEU NNP B-NP I-ORG\nrejects VBZ B-VP O\n\nPeter NNP B-NP O\nBlackburn NNP I-NP I-PER\n")
-    with pytest.raises(tasks.TaskDataError, match=r"bad.txt:3: tag sequence .* not valid IOB2"):
-        tasks.read_conll(f, "IOB2")
-    assert len(tasks.read_conll(f, "IOB1")) == 2  # the same lines are valid IOB1
+    with pytest.raises(readers.TaskDataError, match=r"bad.txt:3: tag sequence .* not valid IOB2"):
+        readers.read_conll(f, "IOB2")
+    assert len(readers.read_conll(f, "IOB1")) == 2  # the same lines are valid IOB1
 
 
 def test_bad_classification_rows_name_file_and_line(tmp_path):
     f = tmp_path / "t.tsv"
     f.write_text("sentence\tlabel\ngood movie\t1\nbad\tmovie\t0\n")
-    with pytest.raises(tasks.TaskDataError, match=r"t.tsv:3: 3 columns, the header has 2"):
-        tasks.read_text_examples(f, "sentence", "label")
+    with pytest.raises(readers.TaskDataError, match=r"t.tsv:3: 3 columns, the header has 2"):
+        readers.read_text_examples(f, "sentence", "label")
     f.write_text("sentence\tlabel\ngood movie\t1\nmeh\tmaybe\n")
-    ex = tasks.read_text_examples(f, "sentence", "label")
-    with pytest.raises(tasks.TaskDataError, match=r"t.tsv:3: unknown label 'maybe'"):
-        tasks.label_ids(ex, ["0", "1"])
+    ex = readers.read_text_examples(f, "sentence", "label")
+    with pytest.raises(readers.TaskDataError, match=r"t.tsv:3: unknown label 'maybe'"):
+        readers.label_ids(ex, ["0", "1"])
 
 
 def test_long_rows_are_cut_as_they_stream_and_csv_limits_are_named(tmp_path):
@@ -120,25 +118,25 @@ def test_long_rows_are_cut_as_they_stream_and_csv_limits_are_named(tmp_path):
     line (it was a csv.Error traceback); a CoNLL line is capped too."""
     long = "word " * 60_000
     (tmp_path / "t.tsv").write_text(f"sentence\tlabel\nshort\t0\n{long}\t1\n")
-    ex = tasks.read_text_examples(tmp_path / "t.tsv", "sentence", "label", max_chars=1000)
+    ex = readers.read_text_examples(tmp_path / "t.tsv", "sentence", "label", max_chars=1000)
     assert [e.label for e in ex] == ["0", "1"] and ex[1].text == ("word " * 200).strip()
     assert ex[1].where.endswith("t.tsv:3")
-    assert tasks.read_text_examples(tmp_path / "t.tsv", "sentence", "label")[1].text == long.strip()
+    assert readers.read_text_examples(tmp_path / "t.tsv", "sentence", "label")[1].text == long.strip()
     (tmp_path / "t.csv").write_text(f"sentence,label\nshort,0\n{long},1\n")
-    with pytest.raises(tasks.TaskDataError, match=r"t.csv:3: field larger than field limit"):
-        tasks.read_text_examples(tmp_path / "t.csv", "sentence", "label")
+    with pytest.raises(readers.TaskDataError, match=r"t.csv:3: field larger than field limit"):
+        readers.read_text_examples(tmp_path / "t.csv", "sentence", "label")
     (tmp_path / "w.conll").write_text(f"EU B-ORG\n\n{'x' * 300_000} O\nrejects O\n")
-    sents = tasks.read_conll(tmp_path / "w.conll", labeled=False, max_chars=1000)
+    sents = readers.read_conll(tmp_path / "w.conll", labeled=False, max_chars=1000)
     assert [len(w) for s in sents for w in s.words] == [2, 1000, 7]
 
 
 def test_real_glue_files_read(shared_data):
-    sst = tasks.read_text_examples(shared_data / "classification/sst2/dev.tsv", "sentence", "label")
+    sst = readers.read_text_examples(shared_data / "classification/sst2/dev.tsv", "sentence", "label")
     assert len(sst) == 872 and sorted({e.label for e in sst}) == ["0", "1"]
-    mrpc = tasks.read_text_examples(shared_data / "pair/mrpc/msr_paraphrase_train.txt", "#1 String",
+    mrpc = readers.read_text_examples(shared_data / "pair/mrpc/msr_paraphrase_train.txt", "#1 String",
                                     "Quality", "#2 String")
     assert len(mrpc) == 4076
-    stsb = tasks.read_text_examples(shared_data / "pair/stsb/dev.tsv", "sentence1", "score", "sentence2",
+    stsb = readers.read_text_examples(shared_data / "pair/stsb/dev.tsv", "sentence1", "score", "sentence2",
                                     regression=True)
     assert len(stsb) == 1500 and 0 <= min(e.label for e in stsb) and max(e.label for e in stsb) <= 5
 
@@ -158,7 +156,7 @@ def test_windows_recover_answers_across_window_boundaries(shared_data):
     examples = []
     for k in range(0, 190, 7):  # answers at every offset, many crossing a boundary
         ans = " ".join(words[k:k + 4])
-        examples.append(tasks.QAExample(str(k), "where is it?", ctx, [ans], ctx.index(ans)))
+        examples.append(readers.QAExample(str(k), "where is it?", ctx, [ans], ctx.index(ans)))
     feats = squad.make_features(tok, examples, max_seq_length=48, doc_stride=16, max_query_length=8)
     assert feats.input_ids.shape[0] > 10 * len(examples) / len(examples)  # many windows each
     starts = feats.start_positions.reshape(-1)
@@ -173,7 +171,7 @@ def test_windows_follow_bert_run_squad_on_long_real_contexts(shared_data):
     the question, the last one ending at the context's end -- run_squad.py's loop. (tokenizers
     0.23.2 cut the windows of 513-token contexts wrongly; this catches such a regression.)"""
     tok = Tokenizer.load(shared_data / "vocab/bert-base-uncased")
-    examples = tasks.read_squad(shared_data / "qa/squad_v1.1_dev_rebuilt_minus_xquad.json")
+    examples = readers.read_squad(shared_data / "qa/squad_v1.1_dev_rebuilt_minus_xquad.json")
     tok.backend.no_truncation()
     lengths = [len(e.ids) for e in tok.backend.encode_batch([e.context for e in examples], add_special_tokens=False)]
     long = [e for e, n in zip(examples, lengths) if n > 250]
@@ -196,14 +194,14 @@ def test_windows_follow_bert_run_squad_on_long_real_contexts(shared_data):
 
 def test_squad_pipeline_on_gold_spans_scores_100(shared_data):
     tok = Tokenizer.load(shared_data / "vocab/bert-base-uncased")
-    examples = tasks.read_squad(shared_data / "qa/squad_v1.1_dev_rebuilt_minus_xquad.json", training=True)
+    examples = readers.read_squad(shared_data / "qa/squad_v1.1_dev_rebuilt_minus_xquad.json", training=True)
     assert len(examples) == 9380
     feats = squad.make_features(tok, examples, max_seq_length=384, doc_stride=128, max_query_length=64)
     preds = squad.predict_answers(examples, feats, *gold_logits(feats), max_answer_length=1000)
     # Every answer that a span of whole tokens can express is recovered exactly. The
     # rebuilt dev set has a few answers that occur in their context only inside longer
     # words ('5' in 'Bowl 50'): those cannot be a token span, and are the only misses.
-    expressible = [e for e in examples if tasks._on_word_boundaries(e.context, e.answer_start, len(e.answers[0]))]
+    expressible = [e for e in examples if readers._on_word_boundaries(e.context, e.answer_start, len(e.answers[0]))]
     assert len(examples) - len(expressible) < 40
     m = metrics.squad(preds, {e.id: e.answers for e in expressible})
     assert m["exact_match"] == 100.0 and m["f1"] == 100.0, m

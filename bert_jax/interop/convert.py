@@ -18,14 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from bert_jax import paths
-from bert_jax import storage
+from bert_jax import checkpoint, paths, storage
 from bert_jax.data.tokenizer import copy_files as copy_tokenizer_files
 from bert_jax.errors import BertJaxError
 from bert_jax.interop import rename
 from bert_jax.model import objectives
 from bert_jax.model.config import ModelConfig
-from bert_jax.training import checkpoint
 
 # transformers architecture name -> our task
 # transformers class -> (family, task, pretraining objective or None).
@@ -116,8 +114,9 @@ def load_hf(folder: str | pathlib.Path) -> tuple[ModelConfig, str, dict, dict]:
                            f"matrix embeddings.word_embeddings.weight of {emb.shape[0]} rows")
     try:
         params = rename.from_hf({k: np.asarray(v, np.float32) for k, v in tensors.items()}, cfg, task)
-        from bert_jax.model.heads import abstract_params
         from flax import linen as nn
+
+        from bert_jax.model.heads import abstract_params
         rename.check_shapes(params, nn.unbox(abstract_params(cfg, task)))
     except rename.RenameError as e:
         raise ConvertError(f"{folder}: {e}") from None

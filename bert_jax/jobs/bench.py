@@ -26,12 +26,10 @@ import time
 import jax
 import numpy as np
 
-from bert_jax import flags
+from bert_jax import flags, sharding
 from bert_jax.model.config import ModelConfig, variant
 from bert_jax.options import BenchOptions
-from bert_jax.training import optim
-from bert_jax.training import sharding
-from bert_jax.training import train
+from bert_jax.training import optim, train
 
 # bf16 dense peak TFLOP/s by device kind (vendor data sheets).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "V100": 125.0,
@@ -128,6 +126,7 @@ def bench_input_pipeline(o: BenchOptions) -> dict:
     threads under one GIL, so this is one core's throughput), with its real-token share."""
     import pathlib
     import tempfile
+
     from bert_jax.data.tokenizer import Tokenizer
     from bert_jax.errors import BertJaxError
     from bert_jax.training import pretraining

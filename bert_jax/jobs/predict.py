@@ -25,13 +25,13 @@ import pathlib
 import jax
 
 from bert_jax import paths, storage
-from bert_jax.data.tasks import TaskDataError
 from bert_jax.data.tokenizer import Tokenizer
 from bert_jax.errors import BertJaxError
 from bert_jax.interop import convert
 from bert_jax.model.heads import build_model
 from bert_jax.options import PredictOptions
 from bert_jax.tasks import finetune_tasks
+from bert_jax.tasks.readers import TaskDataError
 from bert_jax.training.finetuning import TASK_FILE, FinetuneOptions, run_model
 
 

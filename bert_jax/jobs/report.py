@@ -28,7 +28,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive back end)
-
 from absl import logging  # noqa: E402
 
 from bert_jax.errors import BertJaxError  # noqa: E402
@@ -156,8 +155,9 @@ SWEEP_SCORES = ("heldout_mlm_loss", "heldout_mlm_accuracy", "heldout_sentence_ac
 def param_count(run: pathlib.Path) -> int | None:
     """Parameters of the run's model (its config.json: pretraining workdir or best/)."""
     import numpy as np
+
+    from bert_jax import checkpoint
     from bert_jax.model.heads import abstract_params
-    from bert_jax.training import checkpoint
     for folder, task in ((run, "pretraining"), (run / "best", None)):
         if (folder / "config.json").exists():
             if task is None:

@@ -187,7 +187,7 @@ def _die_with_parent() -> None:
 def execute(run: Run, job: str, base: str) -> tuple[Run, int | str, float]:
     """(run, exit status, seconds); the status is the lock holder's description instead
     when a live process already holds the run's workdir (it is running, not failed)."""
-    from bert_jax.training import checkpoint
+    from bert_jax import checkpoint
     holder = checkpoint.WorkdirLock.holder(run.workdir)
     if holder is not None:
         return run, holder, 0.0
@@ -207,7 +207,7 @@ def execute(run: Run, job: str, base: str) -> tuple[Run, int | str, float]:
 
 
 def sweep(o: SweepOptions) -> dict:
-    from bert_jax.training import checkpoint  # the lock; imported here, not by plan()'s users (jax, orbax)
+    from bert_jax import checkpoint  # the lock; imported here, not by plan()'s users (jax, orbax)
     runs, record = plan(o)
     out = pathlib.Path(o.out)
     # A second sweep on the same folder would start the same unfinished runs: each would

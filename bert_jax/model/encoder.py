@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from bert_jax.model.config import ModelConfig, layer_copy_maps
-from bert_jax.training.sharding import constrain
+from bert_jax.sharding import constrain
 
 INIT_STD = 0.02  # BERT's initializer_range
 
@@ -46,12 +46,15 @@ REMAT_POLICIES = {
 }
 
 
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),   # BERT's erf GELU
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # ALBERT's tanh GELU
+    "relu": jax.nn.relu,
+}
+
+
 def activation(name: str):
-    return {
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),   # BERT's erf GELU
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # ALBERT's tanh GELU
-        "relu": jax.nn.relu,
-    }[name]
+    return ACTIVATIONS[name]
 
 
 # --------------------------------------------------------------------------------------

@@ -32,10 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bert_jax.data import squad, tasks, textfile
+from bert_jax.data import textfile
 from bert_jax.data.tokenizer import Tokenizer, pad_batch
-from bert_jax.tasks import metrics
-from bert_jax.tasks import tagging
+from bert_jax.tasks import metrics, readers, squad, tagging
 
 INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -93,7 +92,7 @@ class _TextTask(Task):
 
     def read(self, path, labeled: bool = True, training: bool = False):
         o = self.o
-        return tasks.read_text_examples(path, o.text_column, o.label_column if labeled else None,
+        return readers.read_text_examples(path, o.text_column, o.label_column if labeled else None,
                                         o.pair_column, regression=self.regression,
                                         encoding=o.encoding, header=o.header,
                                         max_chars=self.max_chars)
@@ -138,10 +137,10 @@ class Classification(_TextTask):
         return list(self.o.labels) or sorted({e.label for e in examples})
 
     def check(self, examples, labels):
-        tasks.label_ids(examples, labels)
+        readers.label_ids(examples, labels)
 
     def _targets(self, examples, labels):
-        return np.asarray(tasks.label_ids(examples, labels), np.int32)
+        return np.asarray(readers.label_ids(examples, labels), np.int32)
 
     def loss(self, out, batch):
         return optax.softmax_cross_entropy_with_integer_labels(out, batch["labels"]).mean()
@@ -153,7 +152,7 @@ class Classification(_TextTask):
 
     def score(self, examples, preds, labels):
         index = {l: i for i, l in enumerate(labels)}
-        return metrics.classification(tasks.label_ids(examples, labels), [index[p[0]] for p in preds])
+        return metrics.classification(readers.label_ids(examples, labels), [index[p[0]] for p in preds])
 
 
 class Regression(_TextTask):
@@ -185,7 +184,7 @@ class Tagging(Task):
 
     def read(self, path, labeled: bool = True, training: bool = False):
         o = self.o
-        sents = tasks.read_conll(path, o.tag_scheme, labeled=labeled, encoding=o.encoding,
+        sents = readers.read_conll(path, o.tag_scheme, labeled=labeled, encoding=o.encoding,
                                  max_chars=self.max_chars)
         for s in sents:  # held in IOB2; the model learns o.output_scheme
             s.tags = tagging.convert(s.tags, o.tag_scheme, "IOB2") if labeled else []
@@ -200,7 +199,7 @@ class Tagging(Task):
         for s in sents:
             for t in tagging.convert(s.tags, "IOB2", self.o.output_scheme):
                 if t not in known:
-                    raise tasks.TaskDataError(f"{s.where}: unknown tag {t!r} (labels: {labels})")
+                    raise readers.TaskDataError(f"{s.where}: unknown tag {t!r} (labels: {labels})")
 
     def features(self, tok, sents, labels, labeled: bool = True) -> Features:
         """Targets on each word's first sub-token (-1 elsewhere); `extra` holds, per
@@ -219,7 +218,7 @@ class Tagging(Task):
                     firsts[w] = j
                     if labeled:
                         if tags[w] not in index:
-                            raise tasks.TaskDataError(f"{s.where}: unknown tag {tags[w]!r} (labels: {labels})")
+                            raise readers.TaskDataError(f"{s.where}: unknown tag {tags[w]!r} (labels: {labels})")
                         lab[j] = index[tags[w]]
                 prev = w
             encs.append(e)
@@ -288,7 +287,7 @@ class SpanQA(Task):
         return 2
 
     def read(self, path, labeled: bool = True, training: bool = False):
-        return tasks.read_squad(path, training=training, encoding=self.o.encoding)
+        return readers.read_squad(path, training=training, encoding=self.o.encoding)
 
     def features(self, tok, examples, labels, labeled: bool = True) -> Features:
         o = self.o

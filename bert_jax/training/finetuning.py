@@ -29,20 +29,15 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bert_jax import options, storage
+from bert_jax import checkpoint, options, sharding, storage
 from bert_jax.data.tokenizer import Tokenizer
 from bert_jax.errors import BertJaxError
-from bert_jax.interop import convert
-from bert_jax.interop import rename
+from bert_jax.interop import convert, rename
 from bert_jax.model.heads import build_model, init_params
 from bert_jax.options import FinetuneOptions
 from bert_jax.tasks import finetune_tasks
 from bert_jax.tasks.finetune_tasks import INPUTS, Features, Task
-from bert_jax.training import checkpoint
-from bert_jax.training import optim
-from bert_jax.training import runlog
-from bert_jax.training import sharding
-from bert_jax.training import train
+from bert_jax.training import optim, runlog, train
 
 TASKS = tuple(finetune_tasks.TASKS)
 TASK_FILE = "finetune.json"

@@ -17,21 +17,15 @@ import jax
 import numpy as np
 from absl import logging
 
-from bert_jax import options, storage
+from bert_jax import checkpoint as ckpt_lib, options, sharding, storage
 from bert_jax.data import cache, corpus, instances, loader, masking
-from bert_jax.data.tokenizer import FAMILY_KIND, Tokenizer
-from bert_jax.data.tokenizer import copy_files as copy_tokenizer_files
+from bert_jax.data.tokenizer import FAMILY_KIND, Tokenizer, copy_files as copy_tokenizer_files
 from bert_jax.errors import BertJaxError
-from bert_jax.interop import convert
-from bert_jax.interop import rename
+from bert_jax.interop import convert, rename
 from bert_jax.model import objectives
 from bert_jax.model.config import ConfigError, ModelConfig, variant
 from bert_jax.options import PretrainOptions
-from bert_jax.training import checkpoint as ckpt_lib
-from bert_jax.training import optim
-from bert_jax.training import runlog
-from bert_jax.training import sharding
-from bert_jax.training import train
+from bert_jax.training import optim, runlog, train
 
 
 class PretrainError(BertJaxError, RuntimeError):

@@ -26,10 +26,9 @@ from absl import logging
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bert_jax import storage
+from bert_jax import sharding, storage
 from bert_jax.model.config import ConfigError, ModelConfig
 from bert_jax.model.heads import PreTrainingModel, build_model
-from bert_jax.training import sharding
 
 
 @flax.struct.dataclass
@@ -244,9 +243,9 @@ class StopOnSigterm:
         self._synced = False
 
     def __enter__(self):
-        from jax._src import distributed
-        self._synced = (jax.process_count() > 1
-                        and getattr(distributed.global_state, "preemption_sync_manager", None) is not None)
+        # jax.distributed.initialize starts the preemption sync service unless it is turned off
+        self._synced = (jax.process_count() > 1 and jax.distributed.is_initialized()
+                        and jax.config.jax_enable_preemption_service)
         if self._synced:
             return self
         try:
@@ -294,7 +293,7 @@ def use_compilation_cache(setting: str, workdir) -> str | None:
     folder = storage.path(setting) if setting else storage.path(workdir) / "compilation_cache"
     path = os.fspath(folder if storage.is_remote(folder) else folder.absolute())
     if jax.config.jax_compilation_cache_dir != path:
-        from jax._src import compilation_cache
+        from jax.experimental.compilation_cache import compilation_cache
         compilation_cache.reset_cache()  # a process that already used another folder (tests)
         jax.config.update("jax_compilation_cache_dir", path)
     return path

@@ -14,8 +14,8 @@ import dataclasses
 
 import numpy as np
 
-from bert_jax.data.tasks import QAExample
 from bert_jax.data.tokenizer import Tokenizer
+from bert_jax.tasks.readers import QAExample
 
 
 @dataclasses.dataclass
