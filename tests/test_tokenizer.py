@@ -267,3 +267,21 @@ def test_undecodable_bytes_are_replaced_and_counted(tmp_path, caplog):
         tok = vocab_job.train("wordpiece", str(f), 120, tmp_path / "wp")
     assert "latin1.txt: replaced 40 undecodable byte(s)" in caplog.text
     assert tok.vocab_size <= 120
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe", "sentencepiece"])
+def test_long_pairs_are_cut_before_the_pair_truncation_to_the_same_tokens(kind, trained, real_texts):
+    """encode_batch cuts each long side of a pair after its first max_length tokens (at a word
+    boundary) before the library's pair truncation, whose cost is the product of the two
+    sides' window counts: the tokens must be the uncut pair's, every length mix."""
+    tok = trained[kind][0]
+    contexts = [c for c in real_texts["contexts"] if len(c) > 600][:12]
+    short = real_texts["sst"][:12]
+    pairs = list(zip(contexts, contexts[1:] + contexts[:1])) + list(zip(contexts, short)) + list(zip(short, contexts))
+    for max_length in (8, 33, 128):
+        ours = tok.encode_batch([a for a, _ in pairs], [b for _, b in pairs], max_length=max_length)
+        tok.backend.enable_truncation(max_length, strategy="longest_first")
+        theirs = tok.backend.encode_batch(pairs)  # the library on the uncut texts
+        for (a, b), o, t in zip(pairs, ours, theirs):
+            assert o.input_ids == t.ids and o.token_type_ids == t.type_ids and o.offsets == t.offsets, (max_length, a, b)
+        assert any(len(a) > 4 * max_length for a, _ in pairs)  # the cut was exercised

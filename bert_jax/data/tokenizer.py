@@ -23,6 +23,7 @@ import shutil
 from typing import Sequence
 
 import numpy as np
+import tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
@@ -136,14 +137,17 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
                      max_length: int | None = None, truncation: str = "longest_first") -> list[Encoding]:
-        self._configure(max_length, truncation)
         if max_length is not None:  # a huge text costs what max_length tokens of it can use
             texts = [textfile.cut(t, max_length * textfile.CHARS_PER_TOKEN) for t in texts]
             if pairs is not None:
                 pairs = [textfile.cut(t, max_length * textfile.CHARS_PER_TOKEN) for t in pairs]
+        done = self._long_pairs(texts, pairs, max_length) if pairs and max_length and truncation == "longest_first" \
+            else {}
+        self._configure(max_length, truncation)
         inputs = list(texts) if pairs is None else list(zip(texts, pairs))
         try:
-            encs = self.backend.encode_batch(inputs)
+            rest = iter(self.backend.encode_batch([x for i, x in enumerate(inputs) if i not in done]))
+            encs = [done[i] if i in done else next(rest) for i in range(len(inputs))]
         except Exception as e:  # the Rust back end raises a bare Exception
             if "Truncation" not in str(e):
                 raise
@@ -151,6 +155,34 @@ class Tokenizer:
                 f"truncation={truncation!r} with max_length={max_length}: {e} (the text it may "
                 "not truncate is already longer than max_length)") from None
         return [_to_encoding(e, self.special_ids) for e in encs]
+
+    def _long_pairs(self, texts: list[str], pairs: list[str], max_length: int) -> dict[int, tokenizers.Encoding]:
+        """The library's own pair path (each side encoded alone, then truncated and joined by
+        post_process) for the pairs with a side over 4 x max_length characters, each side
+        first cut to what longest_first can keep of it. The library truncates a pair by
+        building every combination of the two sides' overflowing windows: two sides of k
+        windows cost k x k encodings (56 s for one 8,000-character pair at max_length 8).
+        longest_first keeps min(n, max_length / 2) of the shorter side and fills the rest
+        from the longer, so sides cut to min(n, max_length) tokens, the longer one keeping
+        one more, give the same tokens."""
+        long = [i for i, (a, b) in enumerate(zip(texts, pairs)) if max(len(a), len(b)) > 4 * max_length]
+        if not long:
+            return {}
+        self.backend.no_truncation()
+        processor, self.backend.post_processor = self.backend.post_processor, None
+        try:  # post_process adjusts the offsets (RoBERTa's trimming): once, below, as the library's path does
+            sides = self.backend.encode_batch([texts[i] for i in long] + [pairs[i] for i in long],
+                                              add_special_tokens=False)
+        finally:
+            self.backend.post_processor = processor
+        self._configure(max_length, "longest_first")
+        out = {}
+        for i, first, second in zip(long, sides[:len(long)], sides[len(long):]):
+            n1, n2 = len(first.ids), len(second.ids)
+            first.truncate(min(n1, max_length + (n1 > n2)))
+            second.truncate(min(n2, max_length + (n2 > n1)))
+            out[i] = self.backend.post_process(first, second)
+        return out
 
     def encode_words(self, words: Sequence[str], max_length: int | None = None) -> Encoding:
         """[CLS] words [SEP] for pre-split words (NER): word_ids index `words`."""
