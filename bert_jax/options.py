@@ -57,6 +57,18 @@ def _some_masked(p: float) -> None:
 
 
 # --------------------------------------------------------------------- shared ----
+COMPILATION_CACHE_HELP = (
+    "Persistent XLA compilation cache: a rerun loads its compiled steps instead of compiling them again. A folder "
+    "(it may be shared by the runs and jobs you trust: it holds executable code; $BERT_JAX_COMPILATION_CACHE names "
+    "one for every job that leaves this flag unset), or 'off'. ")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheOptions:
+    """The compilation cache of the jobs that run a model without training it."""
+    compilation_cache: str = option("", COMPILATION_CACHE_HELP + "'' = $BERT_JAX_COMPILATION_CACHE if set, else none.")
+
+
 @dataclasses.dataclass(frozen=True)
 class DistributedOptions:
     coordinator_address: str | None = option(None, "host:port of process 0 (multi-host).", resume=MAY_CHANGE)
@@ -98,10 +110,8 @@ class RunOptions(MeshOptions, DistributedOptions):
     stop_at_step: int | None = option(None, "Checkpoint and exit at this step, keeping the schedule.",
                                       resume=MAY_CHANGE)
     compilation_cache: str = option(
-        "", "Persistent XLA compilation cache: a restarted run loads its compiled steps instead of "
-        "compiling them again. '' = <workdir>/compilation_cache (a URI workdir: pretraining's "
-        "<cache_dir>/compilation_cache, fine-tuning's none), a folder = that folder (it may be shared "
-        "by runs you trust: it holds executable code), 'off' = none.", resume=MAY_CHANGE)
+        "", COMPILATION_CACHE_HELP + "'' = $BERT_JAX_COMPILATION_CACHE if set, else <workdir>/compilation_cache "
+        "(a URI workdir: pretraining's <cache_dir>/compilation_cache, fine-tuning's none).", resume=MAY_CHANGE)
     unlogged_transfers: str = option("allow", UNLOGGED_TRANSFERS_HELP, choices=("allow", "log", "disallow"),
                                      resume=MAY_CHANGE)
     resolved_flags: str = internal("", "every flag with its final value, as a flag file (the run record)")
@@ -349,7 +359,7 @@ class FinetuneOptions(RunOptions, OptimizerOptions):
 
 # -------------------------------------------------------------------- predict ----
 @dataclasses.dataclass(frozen=True)
-class PredictOptions:
+class PredictOptions(CacheOptions):
     REQUIRED: ClassVar[tuple[str, ...]] = ("checkpoint", "input", "output")
     checkpoint: str | None = option(None, "The best/ folder of a finetune run.")
     input: str | None = option(None, "Unlabeled input: TSV/CSV/JSONL rows (classification, regression), "
@@ -366,7 +376,7 @@ class PredictOptions:
 
 # -------------------------------------------------------------------- heldout ----
 @dataclasses.dataclass(frozen=True)
-class HeldoutOptions:
+class HeldoutOptions(CacheOptions):
     REQUIRED: ClassVar[tuple[str, ...]] = ("checkpoint", "text")
     checkpoint: str | None = option(None, "A model with an MLM head: a pretraining workdir, its best/, our "
                                     "converted folder or a Hugging Face folder (BertForPreTraining, *ForMaskedLM, ...).")
@@ -390,7 +400,7 @@ class HeldoutOptions:
 
 # --------------------------------------------------------------------- encode ----
 @dataclasses.dataclass(frozen=True)
-class EncodeOptions:
+class EncodeOptions(CacheOptions):
     REQUIRED: ClassVar[tuple[str, ...]] = ("checkpoint", "input", "output")
     checkpoint: str | None = option(None, "Checkpoint folder (ours or Hugging Face).")
     input: str | None = option(None, ".txt (text or text<TAB>text per line) or .jsonl (text, text_pair).")

@@ -140,13 +140,17 @@ def test_predict_bad_input_is_named_and_writes_nothing(shared_data, tiny_checkpo
 def test_predict_command_line(shared_data, tiny_checkpoint, tmp_path):
     train = tsv_head(shared_data / "classification/sst2/train.tsv", 16, tmp_path / "train.tsv")
     finetune(tiny_checkpoint, tmp_path / "wd", "classification", train, {"train": train}, epochs=1)
-    r = subprocess.run([sys.executable, "-m", "bert_jax.jobs.predict", f"--checkpoint={tmp_path}/wd/best",
-                        f"--input={train}", f"--output={tmp_path}/p.tsv"], capture_output=True, text=True,
-                       cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "predict: 16 classification inputs" in r.stdout
-    assert "orbax" not in r.stderr  # library INFO logs are quiet by default
-    assert len(read_tsv(tmp_path / "p.tsv")) == 16
+    outputs = []
+    for out in ("p.tsv", "again.tsv"):  # the second run loads its compiled programs from --compilation_cache
+        r = subprocess.run([sys.executable, "-m", "bert_jax.jobs.predict", f"--checkpoint={tmp_path}/wd/best",
+                            f"--input={train}", f"--output={tmp_path}/{out}", f"--compilation_cache={tmp_path}/cc"],
+                           capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "predict: 16 classification inputs" in r.stdout
+        assert "orbax" not in r.stderr  # library INFO logs are quiet by default
+        outputs.append((tmp_path / out).read_bytes())
+        assert list((tmp_path / "cc").glob("jit_*")), "nothing in the compilation cache"
+    assert len(read_tsv(tmp_path / "p.tsv")) == 16 and outputs[0] == outputs[1]
     h = subprocess.run([sys.executable, "-m", "bert_jax.jobs.finetune", "--help"], capture_output=True, text=True)
     assert "--select_on" in h.stdout and "--encoding" in h.stdout and "--train_file" in h.stdout
 

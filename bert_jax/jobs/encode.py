@@ -139,7 +139,9 @@ def _encode_mixed(tok: Tokenizer, texts, pairs, max_length):
 
 
 def main(o):
+    from bert_jax.training import train
     out = paths.check_output("--output", o.output, input=o.input, checkpoint=o.checkpoint)
+    train.use_compilation_cache(o.compilation_cache, None)
     texts, pairs = read_inputs(o.input, textfile.CHARS_PER_TOKEN * o.max_length)
     feats = encode(o.checkpoint, texts, pairs, o.max_length, o.batch_size)
 

@@ -101,6 +101,8 @@ def main(o: HeldoutOptions):
         from bert_jax.data import corpus
         paths.check_output("--out", o.out, text=[str(f) for f in corpus.expand(o.text, "--text")],
                            checkpoint=o.checkpoint)
+    from bert_jax.training import train
+    train.use_compilation_cache(o.compilation_cache, None)
     res = evaluate(o)
     if o.out:
         paths.write_atomically(o.out, lambda tmp: tmp.write_text(json.dumps(res, indent=1)))

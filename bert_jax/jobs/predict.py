@@ -32,6 +32,7 @@ from bert_jax.model.heads import build_model
 from bert_jax.options import PredictOptions
 from bert_jax.tasks import finetune_tasks
 from bert_jax.tasks.readers import TaskDataError
+from bert_jax.training import train
 from bert_jax.training.finetuning import TASK_FILE, FinetuneOptions, run_model
 
 
@@ -86,6 +87,7 @@ def predict(o: PredictOptions) -> dict:
 
 
 def main(o: PredictOptions):
+    train.use_compilation_cache(o.compilation_cache, None)
     summary = predict(o)
     print(f"predict: {summary['rows']} {summary['task']} inputs -> {summary['output']}")
     print(json.dumps(summary))
