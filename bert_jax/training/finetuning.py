@@ -189,6 +189,8 @@ class Finetuner:
             raise FinetuneError(f"--best_metric={o.best_metric!r}: {o.task} reports {self.task.metrics}")
         self.select_on = selection_set(o)
         check_input_files(o)
+        # before the first program (the init below) compiles
+        train.use_compilation_cache(o.compilation_cache, storage.path(o.workdir) if o.workdir else None)
         if not storage.path(o.init_checkpoint).is_dir():
             raise FinetuneError(f"--init_checkpoint={o.init_checkpoint}: no such folder")
         src_cfg, _, src_params, tok_dir = convert.load(o.init_checkpoint)
@@ -266,7 +268,6 @@ class Finetuner:
     def _run(self) -> dict:
         o, task, mesh = self.o, self.task, self.mesh
         wd = storage.path(o.workdir)
-        train.use_compilation_cache(o.compilation_cache, wd)
         chief = jax.process_index() == 0
         n = len(self.train["input_ids"])
         warmup, total = plan(o, n)
