@@ -40,10 +40,11 @@ def tokenizer_dir(tmp_path_factory):
 
 def options(workdir, *extra):
     """PretrainOptions from experiments/tiny.flags plus overrides, through the real flag
-    definitions (a private FlagValues)."""
+    definitions (a private FlagValues); on one of the 8 test devices unless a test names its
+    mesh (the sharded path is tested in test_sharding/test_cluster/test_finetune_resume)."""
     fv = absl_flags.FlagValues()
     flags.define(PretrainOptions, fv)
-    fv([sys.argv[0], f"--flagfile={TINY}", f"--workdir={workdir}", f"--tokenizer={TOKENIZER}", *extra])
+    fv([sys.argv[0], f"--flagfile={TINY}", f"--workdir={workdir}", f"--tokenizer={TOKENIZER}", "--mesh_data=1", *extra])
     os.chdir(REPO)  # flag files name corpus paths relative to the repo
     return flags.read(PretrainOptions, fv)
 
@@ -270,9 +271,9 @@ def test_bad_sizes_are_named_before_any_work(tmp_path):
     tokenizer or cache is built (before: a JAX IndivisibleError after both); sizes out of
     range are named by their flag."""
     with pytest.raises(ConfigError, match=r"--batch_size=6 must divide .* 8 data-parallel devices .*multiple of 8"):
-        pretraining.run(options(tmp_path, "--batch_size=6"))
+        pretraining.run(options(tmp_path, "--batch_size=6", "--mesh_data=-1"))
     with pytest.raises(ConfigError, match=r"--batch_size=12 must divide evenly into --grad_accum=3 .*multiple of 24"):
-        pretraining.run(options(tmp_path, "--batch_size=12", "--grad_accum=3"))
+        pretraining.run(options(tmp_path, "--batch_size=12", "--grad_accum=3", "--mesh_data=-1"))
     assert not (tmp_path / "cache").exists() and not (tmp_path / "tokenizer").exists()
     for bad, name in (("--batch_size=0", "batch_size"), ("--max_seq_length=2", "max_seq_length"),
                       ("--max_predictions_per_seq=0", "max_predictions_per_seq"),
