@@ -63,10 +63,9 @@ COMPILATION_CACHE_HELP = (
     "one for every job that leaves this flag unset), or 'off'. ")
 
 
-@dataclasses.dataclass(frozen=True)
-class CacheOptions:
-    """The compilation cache of the jobs that run a model without training it."""
-    compilation_cache: str = option("", COMPILATION_CACHE_HELP + "'' = $BERT_JAX_COMPILATION_CACHE if set, else none.")
+def _model_job_cache():
+    """The compilation_cache option of the jobs that run a model without training it."""
+    return option("", COMPILATION_CACHE_HELP + "'' = $BERT_JAX_COMPILATION_CACHE if set, else none.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,7 +358,7 @@ class FinetuneOptions(RunOptions, OptimizerOptions):
 
 # -------------------------------------------------------------------- predict ----
 @dataclasses.dataclass(frozen=True)
-class PredictOptions(CacheOptions):
+class PredictOptions:
     REQUIRED: ClassVar[tuple[str, ...]] = ("checkpoint", "input", "output")
     checkpoint: str | None = option(None, "The best/ folder of a finetune run.")
     input: str | None = option(None, "Unlabeled input: TSV/CSV/JSONL rows (classification, regression), "
@@ -372,11 +371,12 @@ class PredictOptions(CacheOptions):
     pair_column: str | None = option(None, "Second text column of --input (default: the run's).")
     header: bool | None = option(None, "Whether --input has a header row (default: as the run's files).")
     encoding: str | None = option(None, "Text encoding of --input (default: the run's).")
+    compilation_cache: str = _model_job_cache()
 
 
 # -------------------------------------------------------------------- heldout ----
 @dataclasses.dataclass(frozen=True)
-class HeldoutOptions(CacheOptions):
+class HeldoutOptions:
     REQUIRED: ClassVar[tuple[str, ...]] = ("checkpoint", "text")
     checkpoint: str | None = option(None, "A model with an MLM head: a pretraining workdir, its best/, our "
                                     "converted folder or a Hugging Face folder (BertForPreTraining, *ForMaskedLM, ...).")
@@ -393,6 +393,7 @@ class HeldoutOptions(CacheOptions):
                                     choices=("file", "blank_line"))
     cache_dir: str | None = option(None, "Tokenized-text cache, kept for the next run (default: a "
                                    "temporary folder, removed at the end).")
+    compilation_cache: str = _model_job_cache()
 
     def __post_init__(self):
         _some_masked(self.masked_lm_prob)
@@ -400,13 +401,14 @@ class HeldoutOptions(CacheOptions):
 
 # --------------------------------------------------------------------- encode ----
 @dataclasses.dataclass(frozen=True)
-class EncodeOptions(CacheOptions):
+class EncodeOptions:
     REQUIRED: ClassVar[tuple[str, ...]] = ("checkpoint", "input", "output")
     checkpoint: str | None = option(None, "Checkpoint folder (ours or Hugging Face).")
     input: str | None = option(None, ".txt (text or text<TAB>text per line) or .jsonl (text, text_pair).")
     output: str | None = option(None, "Output .npz file.")
     max_length: int = option(512, "Truncate inputs to this many tokens.", lower=3)
     batch_size: int = option(32, "Texts per forward pass.", lower=1)
+    compilation_cache: str = _model_job_cache()
 
 
 # -------------------------------------------------------------------- convert ----
