@@ -171,6 +171,10 @@ def test_choices_are_the_registries_they_name():
     assert config.ACTIVATIONS == tuple(encoder.ACTIVATIONS) and config.OBJECTIVES == tuple(objectives.OBJECTIVES)
     assert config.REMAT_POLICIES == ("none", *encoder.REMAT_POLICIES)
     assert finetuning.TASKS == tuple(finetune_tasks.TASKS)
+    from bert_jax.data import instances
+    from bert_jax.jobs import heldout
+    assert {o.instance_kind for o in objectives.OBJECTIVES.values()} | {k for k, _ in heldout.KINDS.values()} \
+        <= set(instances.KINDS)
     # every choice is served, not only listed: each builds
     import jax.numpy as jnp
     params = {"dense": {"kernel": jnp.ones((2, 2))}}

@@ -40,39 +40,22 @@ from bert_jax.data.cache import TokenizedCorpus
 @dataclasses.dataclass(frozen=True)
 class InstanceConfig:
     max_seq_length: int = 128
-    objective: str = "nsp"       # nsp | sop | none
+    objective: str = "nsp"       # the instance kind (KINDS): nsp | sop | none
     short_seq_prob: float = 0.1
+
+    @property
+    def kind(self) -> Kind:
+        try:
+            return KINDS[self.objective]
+        except KeyError:
+            raise ValueError(f"objective={self.objective!r}: must be one of {tuple(KINDS)}") from None
 
 
 def build(c: TokenizedCorpus, cfg: InstanceConfig, seed: int) -> np.ndarray:
     """int64 [N, 5] instances (a_start, a_end, b_start, b_end, label)."""
-    rng = np.random.default_rng(seed)
-    if cfg.objective == "none":
-        return _full_sentences(c, cfg, rng)
-    if cfg.objective not in ("nsp", "sop"):
-        raise ValueError(f"objective={cfg.objective!r}: must be nsp, sop or none")
-    out = []
-    max_tokens = cfg.max_seq_length - 3  # [CLS] A [SEP] B [SEP]
-    sent = c.sentences
-    for d in range(c.num_documents):
-        s0, s1 = int(c.documents[d]), int(c.documents[d + 1])
-        target = max_tokens if rng.random() >= cfg.short_seq_prob else int(rng.integers(2, max_tokens + 1))
-        chunk: list[int] = []  # sentence indices
-        length = 0
-        i = s0
-        while i < s1:
-            chunk.append(i)
-            length += int(sent[i + 1] - sent[i])
-            if i == s1 - 1 or length >= target:
-                if len(chunk) >= 2 or cfg.objective == "nsp":
-                    inst, unused = _pair(c, chunk, target, cfg.objective, d, rng)
-                    if inst is not None:
-                        out.append(_truncate(inst, max_tokens, rng))
-                    i -= unused
-                chunk, length = [], 0
-                target = max_tokens if rng.random() >= cfg.short_seq_prob else int(rng.integers(2, max_tokens + 1))
-            i += 1
-    if not out:
+    kind = cfg.kind
+    out = kind.build(c, cfg, np.random.default_rng(seed))
+    if not len(out):
         raise ValueError("the corpus is too small to form one pretraining instance")
     return np.asarray(out, np.int64)
 
@@ -84,10 +67,8 @@ class OnTheFly:
     under SOP, or one document under NSP): the row carries no sentence label."""
 
     def __init__(self, c: TokenizedCorpus, cfg: InstanceConfig, seed: int):
-        if cfg.objective not in ("nsp", "sop", "none"):
-            raise ValueError(f"objective={cfg.objective!r}: must be nsp, sop or none")
-        self.c, self.cfg, self.seed = c, cfg, seed
-        self.window = cfg.max_seq_length - (2 if cfg.objective == "none" else 3)
+        self.c, self.cfg, self.seed, self.kind = c, cfg, seed, cfg.kind
+        self.window = cfg.max_seq_length - self.kind.specials
         self.num_tokens = len(c.tokens)
         if self.num_tokens == 0:
             raise ValueError("the corpus is too small to form one pretraining instance")
@@ -115,22 +96,125 @@ class OnTheFly:
         s = int(np.searchsorted(c.sentences, start, "right")) - 1  # the sentence holding `start`
         if int(c.sentences[s + 1]) - int(c.sentences[s]) <= W:
             start = int(c.sentences[s])  # rows start at a sentence, unless it is longer than a row
-        if self.cfg.objective == "none":
-            return self._full_sentences(s, start)
-        return self._pair(s, start, rng)
+        return self.kind.on_the_fly(self, s, start, rng)
 
-    def _full_sentences(self, s: int, start: int):
-        c, W = self.c, self.window
+
+# ---------------------------------------------------------------------------------------
+# The kinds of instance. An objective names its kind (model/objectives.py `instance_kind`);
+# a new kind is one class here and its entry in KINDS.
+# ---------------------------------------------------------------------------------------
+class Kind:
+    """How rows of one kind are cut from the corpus (a prebuilt walk over every document,
+    or one row on the fly) and made into ids."""
+    name: str
+    specials: int  # special tokens per row
+
+    def build(self, c: TokenizedCorpus, cfg: InstanceConfig, rng) -> list:
+        raise NotImplementedError
+
+    def on_the_fly(self, otf: OnTheFly, s: int, start: int, rng) -> tuple[int, int, int, int, int]:
+        raise NotImplementedError
+
+    def materialize(self, c: TokenizedCorpus, inst, specials: SpecialIds):
+        raise NotImplementedError
+
+
+class FullSentences(Kind):
+    """RoBERTa's FULL-SENTENCES: <s> sentences </s>, a </s> at each document start inside."""
+    name, specials = "none", 2
+
+    def build(self, c, cfg, rng):
+        """Greedy rows of whole sentences, one pass over the sentences: the next document
+        start is tracked by a pointer, so the cost per row does not grow with the number of
+        documents (it scanned every document once per sentence before)."""
+        max_tokens = cfg.max_seq_length - self.specials
+        out, sent = [], c.sentences
+        starts = c.document_starts
+        n_sent = len(sent) - 1
+        i = 0
+        d = 0  # index of the first document start after the row's start
+        while i < n_sent:
+            start, j = int(sent[i]), i
+            while d < len(starts) and starts[d] <= start:
+                d += 1
+            # Extra separators at document boundaries count against the length.
+            inside, k = 0, d
+            while j < n_sent:
+                end = int(sent[j + 1])
+                while k < len(starts) and starts[k] < end:
+                    k += 1
+                inside = k - d  # document starts strictly inside (start, end)
+                if (end - start) + inside > max_tokens:
+                    break
+                j += 1
+            if j == i:  # one sentence longer than the row: take its head
+                out.append((start, start + max_tokens, 0, 0, 0))
+                j = i + 1
+            else:
+                out.append((start, int(sent[j]), 0, 0, 0))
+            i = j
+        return out
+
+    def on_the_fly(self, otf, s, start, rng):
+        c, W = otf.c, otf.window
         ends = np.asarray(c.sentences[s + 1:s + W + 2], np.int64)
         inside = c.document_starts_inside(start, start + W + 1)
         cost = (ends - start) + np.searchsorted(inside, ends, "left")  # a [SEP] per document start
         fit = int(np.count_nonzero(cost <= W))
         if fit == 0:  # one sentence longer than a row: its head
-            return (start, min(start + W, self.num_tokens), 0, 0, 0)
+            return (start, min(start + W, otf.num_tokens), 0, 0, 0)
         return (start, int(ends[fit - 1]), 0, 0, 0)
 
-    def _pair(self, s: int, start: int, rng):
-        c, W, cfg = self.c, self.window, self.cfg
+    def materialize(self, c, inst, specials):
+        a0, a1, _, _, label = (int(x) for x in inst)
+        toks, words = c.tokens[a0:a1], c.word_start[a0:a1]
+        cuts = c.document_starts_inside(a0, a1) - a0
+        toks = np.insert(toks, cuts, specials.sep)
+        words = np.insert(words, cuts, 1)
+        ids = np.concatenate([[specials.cls], toks, [specials.sep]])
+        word = np.concatenate([[1], words, [1]])
+        return ids, np.zeros(len(ids), np.int32), word, label
+
+
+class SentencePairs(Kind):
+    """[CLS] A [SEP] B [SEP] with a sentence label: what NSP and SOP share."""
+    specials = 3
+    min_sentences: int         # a chunk of the prebuilt walk makes a pair from this many sentences
+    splits_one_sentence: bool  # on the fly, a slot of one sentence is split into A and B
+
+    def build(self, c, cfg, rng):
+        out = []
+        max_tokens = cfg.max_seq_length - self.specials
+        sent = c.sentences
+        for d in range(c.num_documents):
+            s0, s1 = int(c.documents[d]), int(c.documents[d + 1])
+            target = max_tokens if rng.random() >= cfg.short_seq_prob else int(rng.integers(2, max_tokens + 1))
+            chunk: list[int] = []  # sentence indices
+            length = 0
+            i = s0
+            while i < s1:
+                chunk.append(i)
+                length += int(sent[i + 1] - sent[i])
+                if i == s1 - 1 or length >= target:
+                    if len(chunk) >= self.min_sentences:
+                        a_end_idx = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
+                        a = (int(sent[chunk[0]]), int(sent[chunk[a_end_idx - 1] + 1]))
+                        inst, unused = self.pair(c, chunk, a, a_end_idx, target, d, rng)
+                        if inst is not None:
+                            out.append(_truncate(inst, max_tokens, rng))
+                        i -= unused
+                    chunk, length = [], 0
+                    target = max_tokens if rng.random() >= cfg.short_seq_prob else int(rng.integers(2, max_tokens + 1))
+                i += 1
+        return out
+
+    def pair(self, c, chunk, a, a_end_idx, target, doc, rng):
+        """The prebuilt walk's pair for a chunk whose A is `a`: (instance or None, number of
+        chunk sentences to put back)."""
+        raise NotImplementedError
+
+    def on_the_fly(self, otf, s, start, rng):
+        c, W, cfg = otf.c, otf.window, otf.cfg
         target = W if rng.random() >= cfg.short_seq_prob else int(rng.integers(2, W + 1))
         d = int(np.searchsorted(c.document_starts, start, "right")) - 1
         last = int(c.documents[d + 1])  # the document's end, in sentences
@@ -143,21 +227,67 @@ class OnTheFly:
         else:  # one sentence: the document's last, or longer than the target
             end = min(int(ends[0]), start + max(target, 2))
             a, cont = (start, end), None
-            if cfg.objective == "sop" and end - start >= 2:
+            if self.splits_one_sentence and end - start >= 2:
                 k = int(rng.integers(start + 1, end))
                 a, cont = (start, k), (k, end)
-        if cfg.objective == "sop":
-            if cont is None:
-                return (a[0], a[1], a[1], a[1], -1)
-            inst = (cont[0], cont[1], a[0], a[1], 1) if rng.random() < 0.5 else (a[0], a[1], cont[0], cont[1], 0)
-            return _truncate(inst, W, rng)
+        return self.slot_pair(c, W, a, cont, target, d, rng)
+
+    def slot_pair(self, c, W, a, cont, target, doc, rng):
+        """An on-the-fly slot's pair from its A and continuation (None: none in the slot)."""
+        raise NotImplementedError
+
+    def materialize(self, c, inst, specials):
+        a0, a1, b0, b1, label = (int(x) for x in inst)
+        ta, tb = c.tokens[a0:a1], c.tokens[b0:b1]
+        ids = np.concatenate([[specials.cls], ta, [specials.sep], tb, [specials.sep]])
+        word = np.concatenate([[1], c.word_start[a0:a1], [1], c.word_start[b0:b1], [1]])
+        types = np.concatenate([np.zeros(len(ta) + 2, np.int32), np.ones(len(tb) + 1, np.int32)])
+        return ids, types, word, label
+
+
+class NextSentence(SentencePairs):
+    """BERT's NSP: B is A's continuation (label 0) or a random segment of another document (1)."""
+    name, min_sentences, splits_one_sentence = "nsp", 1, False
+
+    def pair(self, c, chunk, a, a_end_idx, target, doc, rng):
+        if len(chunk) == 1 or rng.random() < 0.5:
+            if c.num_documents < 2:
+                return None, 0
+            b = _random_segment(c, doc, max(1, target - (a[1] - a[0])), rng)
+            return (a[0], a[1], b[0], b[1], 1), len(chunk) - a_end_idx  # put back unused
+        b = (a[1], int(c.sentences[chunk[-1] + 1]))
+        return (a[0], a[1], b[0], b[1], 0), 0
+
+    def slot_pair(self, c, W, a, cont, target, doc, rng):
         if cont is None or rng.random() < 0.5:
             if c.num_documents < 2:
                 inst = (a[0], a[1], a[1], a[1], -1) if cont is None else (a[0], a[1], cont[0], cont[1], 0)
                 return _truncate(inst, W, rng)
-            b0, b1 = _random_segment(c, d, max(1, target - (a[1] - a[0])), rng, max_sentences=W + 1)
+            b0, b1 = _random_segment(c, doc, max(1, target - (a[1] - a[0])), rng, max_sentences=W + 1)
             return _truncate((a[0], a[1], b0, b1, 1), W, rng)
         return _truncate((a[0], a[1], cont[0], cont[1], 0), W, rng)
+
+
+class SentenceOrder(SentencePairs):
+    """ALBERT's SOP: two consecutive segments of one document, swapped (label 1) or not (0)."""
+    name, min_sentences, splits_one_sentence = "sop", 2, True
+
+    def pair(self, c, chunk, a, a_end_idx, target, doc, rng):
+        b = (a[1], int(c.sentences[chunk[-1] + 1]))
+        if b[1] <= b[0]:
+            return None, 0
+        if rng.random() < 0.5:
+            return (b[0], b[1], a[0], a[1], 1), 0
+        return (a[0], a[1], b[0], b[1], 0), 0
+
+    def slot_pair(self, c, W, a, cont, target, doc, rng):
+        if cont is None:
+            return (a[0], a[1], a[1], a[1], -1)
+        inst = (cont[0], cont[1], a[0], a[1], 1) if rng.random() < 0.5 else (a[0], a[1], cont[0], cont[1], 0)
+        return _truncate(inst, W, rng)
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in (NextSentence(), SentenceOrder(), FullSentences())}
 
 
 def _random_segment(c, doc: int, need: int, rng, max_sentences: int | None = None) -> tuple[int, int]:
@@ -177,28 +307,6 @@ def _random_segment(c, doc: int, need: int, rng, max_sentences: int | None = Non
     return b0, int(ends[min(int(np.searchsorted(ends - b0, need, "left")), len(ends) - 1)])
 
 
-def _pair(c, chunk, target, objective, doc, rng):
-    """(instance, number of chunk sentences to put back)."""
-    sent = c.sentences
-    a_end_idx = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
-    a = (int(sent[chunk[0]]), int(sent[chunk[a_end_idx - 1] + 1]))
-    if objective == "sop":
-        b = (a[1], int(sent[chunk[-1] + 1]))
-        if b[1] <= b[0]:
-            return None, 0
-        if rng.random() < 0.5:
-            return (b[0], b[1], a[0], a[1], 1), 0
-        return (a[0], a[1], b[0], b[1], 0), 0
-    # NSP
-    if len(chunk) == 1 or rng.random() < 0.5:
-        if c.num_documents < 2:
-            return None, 0
-        b = _random_segment(c, doc, max(1, target - (a[1] - a[0])), rng)
-        return (a[0], a[1], b[0], b[1], 1), len(chunk) - a_end_idx  # put back unused
-    b = (a[1], int(sent[chunk[-1] + 1]))
-    return (a[0], a[1], b[0], b[1], 0), 0
-
-
 def _truncate(inst, max_tokens, rng):
     a0, a1, b0, b1, label = inst
     while (a1 - a0) + (b1 - b0) > max_tokens:
@@ -215,39 +323,6 @@ def _truncate(inst, max_tokens, rng):
     return (a0, a1, b0, b1, label)
 
 
-def _full_sentences(c: TokenizedCorpus, cfg: InstanceConfig, rng) -> np.ndarray:
-    """Greedy rows of whole sentences, one pass over the sentences: the next document
-    start is tracked by a pointer, so the cost per row does not grow with the number of
-    documents (it scanned every document once per sentence before)."""
-    max_tokens = cfg.max_seq_length - 2  # <s> ... </s>
-    out, sent = [], c.sentences
-    starts = c.document_starts
-    n_sent = len(sent) - 1
-    i = 0
-    d = 0  # index of the first document start after the row's start
-    while i < n_sent:
-        start, j = int(sent[i]), i
-        while d < len(starts) and starts[d] <= start:
-            d += 1
-        # Extra separators at document boundaries count against the length.
-        inside, k = 0, d
-        while j < n_sent:
-            end = int(sent[j + 1])
-            while k < len(starts) and starts[k] < end:
-                k += 1
-            inside = k - d  # document starts strictly inside (start, end)
-            if (end - start) + inside > max_tokens:
-                break
-            j += 1
-        if j == i:  # one sentence longer than the row: take its head
-            out.append((start, start + max_tokens, 0, 0, 0))
-            j = i + 1
-        else:
-            out.append((start, int(sent[j]), 0, 0, 0))
-        i = j
-    return np.asarray(out, np.int64)
-
-
 # ---------------------------------------------------------------------------------------
 # Materialization: instance -> one row of ids, types, words, specials.
 # ---------------------------------------------------------------------------------------
@@ -260,20 +335,7 @@ class SpecialIds:
 
 
 def materialize(c: TokenizedCorpus, inst: np.ndarray, objective: str, specials: SpecialIds):
-    """(ids, token_types, word_start, special, label) for one instance, unpadded."""
-    a0, a1, b0, b1, label = (int(x) for x in inst)
-    if objective == "none":
-        toks, words = c.tokens[a0:a1], c.word_start[a0:a1]
-        cuts = c.document_starts_inside(a0, a1) - a0
-        toks = np.insert(toks, cuts, specials.sep)
-        words = np.insert(words, cuts, 1)
-        ids = np.concatenate([[specials.cls], toks, [specials.sep]])
-        word = np.concatenate([[1], words, [1]])
-        types = np.zeros(len(ids), np.int32)
-    else:
-        ta, tb = c.tokens[a0:a1], c.tokens[b0:b1]
-        ids = np.concatenate([[specials.cls], ta, [specials.sep], tb, [specials.sep]])
-        word = np.concatenate([[1], c.word_start[a0:a1], [1], c.word_start[b0:b1], [1]])
-        types = np.concatenate([np.zeros(len(ta) + 2, np.int32), np.ones(len(tb) + 1, np.int32)])
+    """(ids, token_types, word_start, special, label) for one instance of kind `objective`, unpadded."""
+    ids, types, word, label = KINDS[objective].materialize(c, inst, specials)
     special = (ids == specials.cls) | (ids == specials.sep)
     return ids.astype(np.int32), types, word.astype(np.uint8), special, label
