@@ -33,7 +33,7 @@ STREAM_LENGTH = 2**50  # positions are unbounded in practice; grain wants a leng
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     max_seq_length: int
-    objective: str                 # nsp | sop | none
+    objective: str                 # the instance kind (instances.KINDS): nsp | sop | none
     global_batch_size: int
     seed: int
     position_offset: int = 0       # first real position (RoBERTa: pad_id + 1)
@@ -104,8 +104,7 @@ class PretrainSource:
 
     def _lengths(self) -> np.ndarray:
         i = self.instances
-        extra = 2 if self.cfg.objective == "none" else 3
-        return (i[:, 1] - i[:, 0]) + (i[:, 3] - i[:, 2]) + extra
+        return (i[:, 1] - i[:, 0]) + (i[:, 3] - i[:, 2]) + inst_lib.KINDS[self.cfg.objective].specials
 
     def __len__(self) -> int:
         return STREAM_LENGTH
@@ -189,12 +188,16 @@ def make_iterator(source: PretrainSource, state: dict | None = None):
 
 
 class DevicePrefetcher:
-    """Pulls host batches in a background thread and places them on the devices as global
-    jax.Arrays with the data sharding, `depth` steps ahead. Each item carries the grain
-    iterator state *after* its batch, which is what a checkpoint at that step saves."""
+    """Pulls host batches (this process's rows) in a background thread and places them on
+    the devices as global jax.Arrays with the data sharding, `depth` steps ahead; or, with
+    `place`, whatever the iterator yields through place(item). Each item carries the
+    iterator's state *after* its batch (a grain iterator's: what a checkpoint at that step
+    saves; None for an iterator without state)."""
 
-    def __init__(self, it, sharding, global_batch: int, depth: int = 2):
+    def __init__(self, it, sharding=None, global_batch: int | None = None, depth: int = 2, place=None):
         self._it, self._sharding, self._global_batch = it, sharding, global_batch
+        if place is not None:
+            self._place = place
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -210,7 +213,7 @@ class DevicePrefetcher:
         try:
             while not self._stop.is_set():
                 batch = next(self._it)
-                state = self._it.get_state()
+                state = self._it.get_state() if hasattr(self._it, "get_state") else None
                 item = (self._place(batch), state)
                 while not self._stop.is_set():
                     try:

@@ -30,9 +30,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bert_jax import checkpoint, options, sharding, storage
+from bert_jax.data import loader
 from bert_jax.data.tokenizer import Tokenizer
 from bert_jax.errors import BertJaxError
-from bert_jax.interop import convert, rename
+from bert_jax.interop import convert
 from bert_jax.model.heads import build_model, init_params
 from bert_jax.options import FinetuneOptions
 from bert_jax.tasks import finetune_tasks
@@ -317,11 +318,14 @@ class Finetuner:
         order = batch_order(n, o.batch_size, total, o.seed)
         for _ in range(start):  # the data order continues where the checkpoint left it
             next(order)
+        # the next batches are placed on the devices while the current step runs
+        prefetch = loader.DevicePrefetcher(order, place=lambda idx: train.global_batch(self.train, idx, batch_sh))
         s, last_saved = start, start
         try:
             with train.StopOnSigterm() as stop, jax.set_mesh(mesh):
                 in_flight = None
-                for idx in order:
+                for _ in range(start, total):
+                    batch, _ = next(prefetch)
                     nxt = s + 1
                     logs = nxt % o.log_every == 0 or nxt == total
                     evaluate_now = self.select_on and ((o.eval_every and nxt % o.eval_every == 0) or nxt == total)
@@ -331,7 +335,7 @@ class Finetuner:
                     quiet = not (logs or evaluate_now or saves)
                     with (jax.transfer_guard_device_to_host(o.unlogged_transfers) if quiet
                           else contextlib.nullcontext()):
-                        state, m = step_fn(state, train.global_batch(self.train, idx, batch_sh))
+                        state, m = step_fn(state, batch)
                         log.add(m, state.nonfinite_streak)
                         in_flight = train.wait_previous(in_flight, m["loss"])
                     s = nxt
@@ -354,6 +358,7 @@ class Finetuner:
                     if stop.requested:
                         break
         finally:  # also on an error: in-flight checkpoint saves finish
+            prefetch.close()
             ckpt.close()
             log.close()
         if s < total:
@@ -453,25 +458,11 @@ def load_backbone(fresh: dict, source: dict, where: str) -> dict:
     """`fresh` task params with the backbone taken from `source`; every backbone param
     must exist in the source with the same shape (errors name it). A pooler the source
     lacks (RoBERTa pretraining) stays freshly initialised."""
-    out = dict(fresh)
-    src = source.get("backbone")
-    if src is None:
-        raise FinetuneError(f"--init_checkpoint={where}: no backbone params")
-    merged = {}
-    for k, v in fresh["backbone"].items():
-        if k not in src:
-            if k == "pooler":
-                logging.warning("%s has no pooler; the pooler starts fresh", where)
-                merged[k] = v
-                continue
-            raise FinetuneError(f"--init_checkpoint={where}: param backbone/{k} is missing")
-        try:
-            rename.check_shapes(src[k], v)
-        except rename.RenameError as e:
-            raise FinetuneError(f"--init_checkpoint={where}: {e} (under backbone/{k})") from None
-        merged[k] = jax.tree.map(jnp.asarray, src[k])
-    out["backbone"] = merged
-    return out
+    backbone, pooler_fresh = train.take_backbone(fresh["backbone"], source, where,
+                                                 lambda src, _: jax.tree.map(jnp.asarray, src), FinetuneError)
+    if pooler_fresh:
+        logging.warning("%s has no pooler; the pooler starts fresh", where)
+    return dict(fresh, backbone=backbone)
 
 
 def last_loss(path: pathlib.Path) -> float | None:

@@ -194,23 +194,13 @@ def merge_init(params, init: InitCheckpoint, cfg: ModelConfig):
     head, and the sentence head when it is the objective's (an NSP head is no SOP head).
     Parts it lacks keep their random init, with one warning naming them."""
     where, src = init.path, init.params
-    if "backbone" not in src:
-        raise PretrainError(f"--init_checkpoint={where}: no backbone params")
     same_sentence = (init.task == "pretraining"
                      and init.cfg.pretraining_objective.sentence_task == cfg.pretraining_objective.sentence_task)
     fresh, out = [], {}
     for top, sub in params.items():
         if top == "backbone":
-            merged = {}
-            for k, v in sub.items():
-                if k not in src["backbone"]:
-                    if k != "pooler":
-                        raise PretrainError(f"--init_checkpoint={where}: param backbone/{k} is missing")
-                    fresh.append("pooler")
-                    merged[k] = v
-                else:
-                    merged[k] = _placed(src["backbone"][k], v, where, f"backbone/{k}")
-            out[top] = merged
+            out[top], pooler_fresh = train.take_backbone(sub, src, where, _placed_as, PretrainError)
+            fresh += ["pooler"] * pooler_fresh
         elif top in src and (top == "mlm" or same_sentence):
             out[top] = _placed(src[top], sub, where, top)
         else:
@@ -229,6 +219,11 @@ def _placed(src, like, where: str, name: str):
         rename.check_shapes(src, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like))
     except rename.RenameError as e:
         raise PretrainError(f"--init_checkpoint={where}: {e} (under {name})") from None
+    return _placed_as(src, like)
+
+
+def _placed_as(src, like):
+    """Host arrays `src` (shapes checked) as arrays shaped and sharded as `like`."""
     return jax.tree.map(lambda x, t: train.place(np.asarray(x, t.dtype), t.sharding), src, like)
 
 

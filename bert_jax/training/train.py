@@ -28,6 +28,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bert_jax import sharding, storage
+from bert_jax.interop import rename
 from bert_jax.model.config import ConfigError, ModelConfig
 from bert_jax.model.heads import PreTrainingModel, build_model
 
@@ -105,6 +106,30 @@ def check_batch(batch_size: int, grad_accum: int, mesh) -> None:
     if (batch_size // grad_accum) % shards:
         logging.warning("microbatches of %d rows do not split over the %d data-parallel devices: "
                         "XLA reshards them and some devices idle", batch_size // grad_accum, shards)
+
+
+def take_backbone(fresh: dict, source: dict, where: str, take: Callable, error: type[Exception]) -> tuple[dict, bool]:
+    """The `fresh` backbone (its parts: embeddings, encoder, pooler) with each part taken
+    from `source`'s backbone by `take(source_part, fresh_part)` after its shapes are checked;
+    a pooler the source lacks (RoBERTa pretraining) stays fresh. Returns (backbone, whether
+    the pooler is fresh). Errors are `error`s naming --init_checkpoint=`where` and the param:
+    both loops start from a checkpoint through here."""
+    src = source.get("backbone")
+    if src is None:
+        raise error(f"--init_checkpoint={where}: no backbone params")
+    merged, pooler_fresh = {}, False
+    for k, v in fresh.items():
+        if k not in src:
+            if k != "pooler":
+                raise error(f"--init_checkpoint={where}: param backbone/{k} is missing")
+            merged[k], pooler_fresh = v, True
+            continue
+        try:
+            rename.check_shapes(src[k], jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), v))
+        except rename.RenameError as e:
+            raise error(f"--init_checkpoint={where}: {e} (under backbone/{k})") from None
+        merged[k] = take(src[k], v)
+    return merged, pooler_fresh
 
 
 def global_batch(arrays: dict, rows, batch_sharding_fn: Callable[[int], NamedSharding]) -> dict:
