@@ -48,6 +48,18 @@ def minilm_dir() -> pathlib.Path:
 
 
 @pytest.fixture
+def optimized_xla():
+    """XLA's optimizations back on for a test that runs many steps: the suite compiles
+    without them (JAX_DISABLE_MOST_OPTIMIZATIONS above), since most tests compile more than
+    they run, but an unoptimized step runs ~2x slower (the QA overfit test: 36 s -> 65 s)."""
+    import jax
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations",
+                      os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "0").lower() in ("1", "true"))
+
+
+@pytest.fixture
 def guarded_host_copies(monkeypatch):
     """JAX's device-to-host transfer guard, enforced on CPU too. On CPU a device buffer is
     host memory, so XLA copies nothing and the guard never fires; here every read of an

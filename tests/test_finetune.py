@@ -32,6 +32,7 @@ def run(ckpt, tmp_path, task, train, **kw):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("optimized_xla")
 def test_overfits_sentence_classification(shared_data, tiny_checkpoint, tmp_path):
     train = head(shared_data / "classification/sst2/train.tsv", 64, tmp_path, "sst2.tsv")
     s = run(tiny_checkpoint, tmp_path, "classification", train)
@@ -43,6 +44,7 @@ def test_overfits_sentence_classification(shared_data, tiny_checkpoint, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("optimized_xla")
 def test_overfits_sentence_pairs(shared_data, tiny_checkpoint, tmp_path):
     train = head(shared_data / "pair/rte/train.tsv", 64, tmp_path, "rte.tsv")
     s = run(tiny_checkpoint, tmp_path, "classification", train, text_column="sentence1",
@@ -51,6 +53,7 @@ def test_overfits_sentence_pairs(shared_data, tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("optimized_xla")
 def test_overfits_regression(shared_data, tiny_checkpoint, tmp_path):
     train = head(shared_data / "pair/stsb/train.tsv", 64, tmp_path, "stsb.tsv")
     s = run(tiny_checkpoint, tmp_path, "regression", train, text_column="sentence1",
@@ -59,6 +62,7 @@ def test_overfits_regression(shared_data, tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("optimized_xla")
 def test_overfits_ner_with_bioes(shared_data, tiny_checkpoint, tmp_path):
     lines = (shared_data / "ner/conll2003/train.txt").read_text().splitlines()
     out, n = [], 0
@@ -77,6 +81,7 @@ def test_overfits_ner_with_bioes(shared_data, tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("optimized_xla")
 def test_overfits_extractive_qa(shared_data, tiny_checkpoint, tmp_path):
     data = json.loads((shared_data / "qa/squad_v1.1_dev_rebuilt_minus_xquad.json").read_text())
     para = data["data"][0]["paragraphs"][:12]
