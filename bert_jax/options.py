@@ -57,6 +57,9 @@ def _some_masked(p: float) -> None:
 
 
 # --------------------------------------------------------------------- shared ----
+# The environment variable naming one compilation cache for every job that leaves
+# --compilation_cache unset (the test suite and sweeps set it).
+COMPILATION_CACHE_ENV = "BERT_JAX_COMPILATION_CACHE"
 COMPILATION_CACHE_HELP = (
     "Persistent XLA compilation cache: a rerun loads its compiled steps instead of compiling them again. A folder "
     "(it may be shared by the runs and jobs you trust: it holds executable code; $BERT_JAX_COMPILATION_CACHE names "

@@ -18,8 +18,10 @@ TINY = REPO / "experiments" / "tiny.flags"
 GRID = "num_hidden_layers=1,2;intermediate_size=37,48"
 
 
-def run_sweep(out, *extra):
+def run_sweep(out, *extra, own_cache=False):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    if own_cache:  # not the test session's cache: the sweep's own
+        env.pop("BERT_JAX_COMPILATION_CACHE", None)
     return subprocess.run([sys.executable, "-m", "bert_jax.jobs.sweep", "--job=pretrain", f"--base={TINY}",
                            f"--out={out}", "--parallel=2", *extra], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
@@ -58,12 +60,21 @@ def test_grid_times_seeds_runs_once_and_reports_each_configuration(swept, tmp_pa
 @pytest.mark.slow
 def test_a_failing_configuration_is_listed_and_the_others_finish(tmp_path):
     # hidden_size=30 is not divisible by the 4 heads: that run fails at its start
-    p = run_sweep(tmp_path / "s", "--grid=hidden_size=30,32", "--seeds=0")
+    p = run_sweep(tmp_path / "s", "--grid=hidden_size=30,32", "--seeds=0", own_cache=True)
     assert p.returncode == 1
+    assert list((tmp_path / "s" / sweep_lib.CACHE).glob("jit_*")), "the runs' shared compilation cache is empty"
     assert "failed runs" in p.stderr and "hidden_size=30,seed=0" in p.stderr.split("failed runs")[1]
     assert (tmp_path / "s/hidden_size=32,seed=0" / sweep_lib.DONE).exists()
     failed = json.loads((tmp_path / "s/hidden_size=30,seed=0" / sweep_lib.FAILED).read_text())
     assert failed["returncode"] != 0 and any("hidden_size" in l for l in failed["log_tail"])
+
+
+def test_runs_go_seed_by_seed(tmp_path):
+    runs, _ = sweep_lib.plan(SweepOptions(job="pretrain", base=str(TINY), grid=GRID, seeds=("0", "1"),
+                                          out=str(tmp_path / "s")))
+    names = [r.name for r in runs]
+    assert [n.rsplit("seed=", 1)[1] for n in names] == ["0"] * 4 + ["1"] * 4
+    assert names[:4] == [n.replace("seed=1", "seed=0") for n in names[4:]]
 
 
 @pytest.mark.parametrize("grid,message", [

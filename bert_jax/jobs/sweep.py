@@ -20,6 +20,11 @@ holds (a run started by hand, or one its killed launcher could not take with it)
 reported as running, not started again and not marked failed; the sweep exits 1. `report --runs=OUT` then compares
 the configurations over seeds.
 
+Runs go seed by seed (every configuration's first seed, then every second seed, ...), so
+a first look at the whole grid comes early, and the runs share one compilation cache,
+OUT/.compilation_cache (unless $BERT_JAX_COMPILATION_CACHE or the flags name one): the
+second seed of a configuration loads the programs its first compiled.
+
 Fine-tuning sweeps take `--init_sweep=PRETRAIN_SWEEP`: every finished run of that sweep is a
 value of --init_checkpoint (its best/ when kept), a grid dimension named `init`.
 """
@@ -41,10 +46,11 @@ from absl import flags as absl_flags
 
 from bert_jax import flags
 from bert_jax.errors import BertJaxError
-from bert_jax.options import FinetuneOptions, PretrainOptions, SweepOptions
+from bert_jax.options import COMPILATION_CACHE_ENV, FinetuneOptions, PretrainOptions, SweepOptions
 
 JOB_OPTIONS = {"pretrain": PretrainOptions, "finetune": FinetuneOptions}
 RECORD, DONE, FAILED, LOG = "sweep.json", "sweep_done.json", "sweep_failed.json", "sweep.log"
+CACHE = ".compilation_cache"  # in OUT: the runs' shared compilation cache
 
 
 class SweepError(BertJaxError, ValueError):
@@ -121,10 +127,10 @@ def plan(o: SweepOptions) -> tuple[list[Run], dict]:
     out = pathlib.Path(o.out)
     if out.exists() and not out.is_dir():
         raise SweepError(f"--out={out} is a file: give a folder")
-    configs = []
-    for combo in itertools.product(*(v for _, v in grid)):
-        values = [(n, v) for (n, _), v in zip(grid, combo)]
-        for seed in seeds:
+    configs = []  # seed by seed: every configuration's first run comes first (see the module docstring)
+    for seed in seeds:
+        for combo in itertools.product(*(v for _, v in grid)):
+            values = [(n, v) for (n, _), v in zip(grid, combo)]
             shown = [(n, pathlib.Path(v).parent.name if n == "init_checkpoint" and pathlib.Path(v).name == "best"
                       else pathlib.Path(v).name if n == "init_checkpoint" else v) for n, v in values]
             name = ",".join(f"{'init' if n == 'init_checkpoint' else n}={v}" for n, v in shown + [("seed", seed)])
@@ -195,8 +201,12 @@ def execute(run: Run, job: str, base: str) -> tuple[Run, int | str, float]:
     (run.workdir / FAILED).unlink(missing_ok=True)
     t0 = time.time()
     with open(run.workdir / LOG, "a") as log:
+        # One compilation cache for the sweep's runs (unless the user named one): the
+        # seeds of a configuration compile the same programs.
+        env = dict(os.environ)
+        env.setdefault(COMPILATION_CACHE_ENV, str(run.workdir.parent / CACHE))
         rc = subprocess.run(run.command(job, base), stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ), preexec_fn=_die_with_parent).returncode
+                            env=env, preexec_fn=_die_with_parent).returncode
     wall = time.time() - t0
     if rc == 0:
         (run.workdir / DONE).write_text(json.dumps(dict(values=dict(run.values), wall_s=round(wall, 1))))

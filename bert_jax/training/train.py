@@ -27,7 +27,7 @@ from absl import logging
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bert_jax import sharding, storage
+from bert_jax import options, sharding, storage
 from bert_jax.interop import rename
 from bert_jax.model.config import ConfigError, ModelConfig
 from bert_jax.model.heads import PreTrainingModel, build_model
@@ -299,9 +299,7 @@ class StopOnSigterm:
             signal.signal(signal.SIGTERM, self._old)
 
 
-# A compilation cache shared by every run that leaves --compilation_cache unset (the test
-# suite sets it: its runs compile the same tiny steps over and over).
-SHARED_CACHE_ENV = "BERT_JAX_COMPILATION_CACHE"
+SHARED_CACHE_ENV = options.COMPILATION_CACHE_ENV
 
 
 def use_compilation_cache(setting: str, workdir) -> str | None:
