@@ -11,8 +11,10 @@ saved: every phase of a real run. Its peak is the train step's working set (XLA'
 temporaries for the backward pass, 1.77 GB) on top of the loaded run (1.3 GB).
 
 Measured 2026-12-07, 2-core CPU, idle: 3.07 GB (3.20 GB before the host copy of the
-params was dropped once placed, which this ceiling fails); the peer 2.61 GB. Ceiling:
-3.13 GB = 1.2x the peer's (the issue's target), 2% above the measurement.
+params was dropped once placed); the peer 2.61 GB. 2026-12-08: 2.80 GB, once the run
+logger stopped loading torch (tensorboardX imported it: +180 MB). Ceiling: 2.86 GB, 2%
+above the measurement (1.10x the peer's; the issue's target is 1.2x), which the code
+before either change fails.
 """
 import pathlib
 import re
@@ -21,7 +23,7 @@ import sys
 import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-CEILING_GB = 3.13
+CEILING_GB = 2.86
 SIDES = {"ours": "bert_jax.jobs.finetune", "hf": "bert_jax.peers.hf_finetune"}
 
 
