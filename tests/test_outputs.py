@@ -1,7 +1,6 @@
 """No job writes over one of its inputs, and outputs appear whole (issue: `predict
 --output=` its `--input` replaced the input by predictions, exit 0)."""
 
-import pathlib
 
 import pytest
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import tempfile
 
 import jax

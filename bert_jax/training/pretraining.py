@@ -21,7 +21,7 @@ from bert_jax import checkpoint as ckpt_lib, options, sharding, storage
 from bert_jax.data import cache, corpus, instances, loader, masking
 from bert_jax.data.tokenizer import FAMILY_KIND, Tokenizer, copy_files as copy_tokenizer_files
 from bert_jax.errors import BertJaxError
-from bert_jax.interop import convert, rename
+from bert_jax.interop import convert
 from bert_jax.model import objectives
 from bert_jax.model.config import ConfigError, ModelConfig, variant
 from bert_jax.options import PretrainOptions
@@ -215,10 +215,7 @@ def merge_init(params, init: InitCheckpoint, cfg: ModelConfig):
 
 def _placed(src, like, where: str, name: str):
     """Host arrays `src` as arrays shaped and sharded as `like` (errors name the param)."""
-    try:
-        rename.check_shapes(src, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like))
-    except rename.RenameError as e:
-        raise PretrainError(f"--init_checkpoint={where}: {e} (under {name})") from None
+    train.check_init_part(src, like, where, name, PretrainError)
     return _placed_as(src, like)
 
 

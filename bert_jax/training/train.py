@@ -124,12 +124,18 @@ def take_backbone(fresh: dict, source: dict, where: str, take: Callable, error: 
                 raise error(f"--init_checkpoint={where}: param backbone/{k} is missing")
             merged[k], pooler_fresh = v, True
             continue
-        try:
-            rename.check_shapes(src[k], jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), v))
-        except rename.RenameError as e:
-            raise error(f"--init_checkpoint={where}: {e} (under backbone/{k})") from None
+        check_init_part(src[k], v, where, f"backbone/{k}", error)
         merged[k] = take(src[k], v)
     return merged, pooler_fresh
+
+
+def check_init_part(src, like, where: str, name: str, error: type[Exception]) -> None:
+    """Raise `error` naming --init_checkpoint=`where` and the param when the part `name` of
+    the checkpoint (`src`) is not shaped as the model's (`like`)."""
+    try:
+        rename.check_shapes(src, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like))
+    except rename.RenameError as e:
+        raise error(f"--init_checkpoint={where}: {e} (under {name})") from None
 
 
 def global_batch(arrays: dict, rows, batch_sharding_fn: Callable[[int], NamedSharding]) -> dict:
@@ -299,15 +305,12 @@ class StopOnSigterm:
             signal.signal(signal.SIGTERM, self._old)
 
 
-SHARED_CACHE_ENV = options.COMPILATION_CACHE_ENV
-
-
 def use_compilation_cache(setting: str, workdir) -> str | None:
     """Point JAX's persistent compilation cache at `setting` ('' = $BERT_JAX_COMPILATION_CACHE
     if set, else <workdir>/compilation_cache; 'off' = none; see the compilation_cache
     option, for the jobs without a workdir: None); returns the folder. Programs that take
     over 0.2 s to compile are stored there, so a rerun loads them instead."""
-    setting = setting or os.environ.get(SHARED_CACHE_ENV, "")
+    setting = setting or os.environ.get(options.COMPILATION_CACHE_ENV, "")
     if setting == "off" or (not setting and workdir is None):
         return None
     if not setting and storage.is_remote(workdir):
