@@ -185,6 +185,18 @@ def test_rerun_on_other_processes_is_the_same_run(tmp_path):
         finetuning.check_workdir(tmp_path, FinetuneOptions(**{**o.__dict__, "learning_rate": 1e-3}))
 
 
+def test_a_finetuning_run_that_did_not_train_is_an_error(tiny_checkpoint, straight, tmp_path):
+    """--adam_eps=0: Adam divides 0 by 0 on the embedding rows no batch uses, so every
+    update is non-finite and skipped. With a streak limit above the run's length, fine-tuning
+    used to end with exit 0 and results of the untrained model (pretraining refused it: the
+    two loops had drifted); the shared loop refuses it for both."""
+    train, _ = straight
+    with pytest.raises(finetuning.FinetuneError,
+                       match=r"8 of the 8 updates .* skipped.*--adam_eps=0.0.*trained params: none"):
+        Finetuner(_resume_options(tiny_checkpoint, train, tmp_path / "wd", eps=0.0, max_nonfinite_streak=100)).run()
+    assert not (tmp_path / "wd/best").exists() and not (tmp_path / "wd/results.json").exists()
+
+
 def test_finetuning_takes_the_optimizer_flags():
     """Fine-tuning hard-coded AdamW and a clipping norm of 1: --optimizer, --adam_eps,
     --adam_b1/b2, --max_grad_norm and --decay_power (pretraining's flags) were ignored."""

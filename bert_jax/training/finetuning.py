@@ -14,7 +14,6 @@ eval/NAME.json + eval/NAME.predictions.*.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import pathlib
@@ -38,7 +37,7 @@ from bert_jax.model.heads import build_model, init_params
 from bert_jax.options import FinetuneOptions
 from bert_jax.tasks import finetune_tasks
 from bert_jax.tasks.finetune_tasks import INPUTS, Features, Task
-from bert_jax.training import optim, runlog, train
+from bert_jax.training import loop, optim, runlog, train
 
 TASKS = tuple(finetune_tasks.TASKS)
 TASK_FILE = "finetune.json"
@@ -284,13 +283,8 @@ class Finetuner:
 
         step_fn = train.make_step(loss_fn, self.tx, 1, self.state_sh, batch_sh, example, mesh)
         ckpt = checkpoint.Checkpointer(wd, o.keep_checkpoints, o.async_checkpoint)
-        try:
-            restored = ckpt.restore_latest(self.abstract, self.state_sh)
-        except Exception:
-            ckpt.close()
-            raise
+        restored = loop.restore(ckpt, self.abstract, self.state_sh)
         best = runlog.Best(o.best_metric or task.default_metric)
-        best_eval = None  # (results, predictions) of the best params
         if restored is not None:
             start, state, saved, saved_manifest = restored
             best.score = saved_manifest.get("best", saved.get("best"))  # older checkpoints: in data
@@ -308,10 +302,7 @@ class Finetuner:
             except FinetuneError:
                 ckpt.close()
                 raise
-        if chief:  # the run record, as pretraining writes it
-            (wd / "manifest.json").write_text(json.dumps(manifest, indent=1))
-            if o.resolved_flags:
-                (wd / "flags.txt").write_text(o.resolved_flags)
+        loop.write_record(wd, manifest, o.resolved_flags)
         lr_fn = optim.schedule(self.optim_config())
         log = runlog.RunLog(wd, total=total, start=start, desc=f"finetune {o.task}", progress_bar=o.progress_bar,
                             max_nonfinite_streak=o.max_nonfinite_streak, lr_fn=lr_fn)
@@ -320,47 +311,23 @@ class Finetuner:
             next(order)
         # the next batches are placed on the devices while the current step runs
         prefetch = loader.DevicePrefetcher(order, place=lambda idx: train.global_batch(self.train, idx, batch_sh))
-        s, last_saved = start, start
-        try:
-            with train.StopOnSigterm() as stop, jax.set_mesh(mesh):
-                in_flight = None
-                for _ in range(start, total):
-                    batch, _ = next(prefetch)
-                    nxt = s + 1
-                    logs = nxt % o.log_every == 0 or nxt == total
-                    evaluate_now = self.select_on and ((o.eval_every and nxt % o.eval_every == 0) or nxt == total)
-                    stop_here = stop.requested or (o.stop_at_step is not None and nxt >= o.stop_at_step)
-                    saves = (o.checkpoint_every and nxt % o.checkpoint_every == 0) or nxt == total or stop_here
-                    # A step that logs, evaluates and saves nothing copies nothing to the host.
-                    quiet = not (logs or evaluate_now or saves)
-                    with (jax.transfer_guard_device_to_host(o.unlogged_transfers) if quiet
-                          else contextlib.nullcontext()):
-                        state, m = step_fn(state, batch)
-                        log.add(m, state.nonfinite_streak)
-                        in_flight = train.wait_previous(in_flight, m["loss"])
-                    s = nxt
-                    if stop.reached(s) or stop_here:  # SIGTERM (all processes agree on this step), or --stop_at_step
-                        stop.requested = saves = True
-                    elif quiet:
-                        continue
-                    log.check(s, str(ckpt.dir / str(last_saved)) if last_saved else None)
-                    if logs:
-                        log.train(s, nonfinite_total=int(state.nonfinite_total))
-                    if evaluate_now:
-                        ex, feats = self.inputs.evals[self.select_on]
-                        res, preds = evaluate(task, self.apply(state.params), ex, feats, self.labels, self.eval_batch)
-                        log.eval(s, self.select_on, res)
-                        if best.offer(res, lambda: self._save_best(state.params, wd)):
-                            best_eval = (res, preds)
-                    if saves or stop.requested:  # also when SIGTERM came while this step evaluated
-                        ckpt.save(s, state, {}, dict(manifest, best=best.score), force=stop.requested)
-                        last_saved = s
-                    if stop.requested:
-                        break
-        finally:  # also on an error: in-flight checkpoint saves finish
-            prefetch.close()
-            ckpt.close()
-            log.close()
+        scored = {}  # the selection set's last (results, predictions), and those of the best params
+
+        def select(params):
+            ex, feats = self.inputs.evals[self.select_on]
+            scored["last"] = evaluate(task, self.apply(params), ex, feats, self.labels, self.eval_batch)
+            return scored["last"][0]
+
+        def save_best(_, params):
+            self._save_best(params, wd)
+            scored["best"] = scored["last"]
+
+        cadence = loop.Cadence(total, o.log_every, o.eval_every, o.checkpoint_every, o.stop_at_step)
+        out = loop.run(state, start=start, cadence=cadence, batches=prefetch, step_fn=step_fn, log=log, ckpt=ckpt,
+                       manifest=manifest, evaluation=loop.Evaluation(self.select_on, select, best, save_best)
+                       if self.select_on else None, unlogged_transfers=o.unlogged_transfers, mesh=mesh)
+        loop.check_trained(out, start, ckpt, FinetuneError, o, o.learning_rate)
+        state, s, best_eval = out.state, out.step, scored.get("best")
         if s < total:
             logging.warning("stopped at step %d of %d with a checkpoint; rerun the same command to resume", s, total)
             return {"steps": total, "step": s, "stopped_early": True, "workdir": str(wd)}

@@ -6,7 +6,6 @@ state, trains with periodic evaluation and checkpoints, and returns a summary.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,7 +24,7 @@ from bert_jax.interop import convert
 from bert_jax.model import objectives
 from bert_jax.model.config import ConfigError, ModelConfig, variant
 from bert_jax.options import PretrainOptions
-from bert_jax.training import optim, runlog, train
+from bert_jax.training import loop, optim, runlog, train
 
 
 class PretrainError(BertJaxError, RuntimeError):
@@ -428,16 +427,16 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     batch_sh = lambda ndim: sharding.data_sharding(mesh, ndim)
     ckpt = ckpt_lib.Checkpointer(workdir, o.keep_checkpoints, o.async_checkpoint)
     new_phase, saved_manifest = False, {}
-    try:
-        restored = ckpt.restore_latest(abstract, state_sh)
-        if restored is not None:
-            start, state, data_state, saved_manifest = restored
+    restored = loop.restore(ckpt, abstract, state_sh)
+    if restored is not None:
+        start, state, data_state, saved_manifest = restored
+        try:
             new_phase = check_resume(o, saved_manifest, tok, ckpt.dir / str(start))
-            logging.info("resuming from %s at step %d%s", ckpt.dir / str(start), start,
-                         f", moving to phase {o.phase}" if new_phase else "")
-    except Exception:
-        ckpt.close()  # orbax's threads stop before the error propagates
-        raise
+        except PretrainError:
+            ckpt.close()
+            raise
+        logging.info("resuming from %s at step %d%s", ckpt.dir / str(start), start,
+                     f", moving to phase {o.phase}" if new_phase else "")
     phases = phase_record(o, saved_manifest, start if restored is not None else 0, new_phase)
     if new_phase:
         if start >= o.train_steps:
@@ -457,8 +456,7 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
         start = 0
         if init is not None:
             state = train.state_around(merge_init(state.params, init, cfg), tx, o.seed, state_sh, mesh)
-    chief = jax.process_index() == 0  # the one process that writes files other than checkpoints
-    if chief:
+    if jax.process_index() == 0:  # the one process that writes files other than checkpoints
         ckpt_lib.write_config(workdir, cfg)
     manifest = dict(flags=o.resolved_flags, options=flag_record(o), git_revision=ckpt_lib.git_revision(),
                     tokenizer_fingerprint=tok.fingerprint(), packages=ckpt_lib.package_versions(),
@@ -466,9 +464,7 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
                     process_count=jax.process_count(), phase=o.phase, phases=phases, corpus=src.corpus.sources,
                     init_checkpoint=saved_manifest.get("init_checkpoint") if restored is not None else (
                         None if init is None else dict(path=str(init.path), task=init.task, family=init.cfg.family)))
-    if chief:
-        (workdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        (workdir / "flags.txt").write_text(o.resolved_flags)
+    loop.write_record(workdir, manifest, o.resolved_flags)
 
     # best/ is chosen within a phase: held-out figures at another length do not compare.
     best = runlog.Best(best_metric, saved_manifest.get("best") if restored is not None and not new_phase else None)
@@ -481,77 +477,27 @@ def _run(o: PretrainOptions, workdir: pathlib.Path) -> dict:
     example = {k: np.zeros((o.batch_size,) + v.shape, v.dtype) for k, v in src.example(0).items()}
     step_fn = train.make_train_step(cfg, tx, o.grad_accum, state_sh, batch_sh, example, mesh)
     eval_fn = train.make_eval_step(cfg)
+    heldout = lambda params: evaluate(eval_fn, params, held, o.eval_batches, batch_sh, objective)
     prefetch = loader.DevicePrefetcher(it, batch_sh, o.batch_size)
     log = runlog.RunLog(workdir, total=o.train_steps, start=start, desc="pretrain", progress_bar=o.progress_bar,
                         max_nonfinite_streak=o.max_nonfinite_streak, lr_fn=lr_fn, figures=objective.figures)
     summary: dict[str, Any] = {}
     if init is not None and held is not None:  # where the continued run starts from, as step 0
-        summary["heldout_at_init"] = ev = evaluate(eval_fn, state.params, held, o.eval_batches, batch_sh, objective)
+        summary["heldout_at_init"] = ev = heldout(state.params)
         log.eval(0, "heldout", ev)
         logging.info("held-out before training (--init_checkpoint=%s): %s", init.path, ev)
-    last_saved, data_state_now = start, data_state
-    # The newest checkpoint whose params some finite update made (a skipped update leaves
-    # the state as it was): the one to name when the run stops on non-finite steps.
-    skipped_before = int(state.nonfinite_total)
-    last_trained = start if start > skipped_before else None
-    in_flight = None
-    try:
-        with train.StopOnSigterm() as stop, jax.set_mesh(mesh):
-            step = start
-            while step < o.train_steps:
-                batch, data_state_now = next(prefetch)
-                nxt = step + 1
-                logs = nxt % o.log_every == 0 or nxt == o.train_steps
-                evals = held is not None and (nxt % o.eval_every == 0 or nxt == o.train_steps)
-                stop_here = stop.requested or (o.stop_at_step is not None and nxt >= o.stop_at_step)
-                saves = nxt % o.checkpoint_every == 0 or nxt == o.train_steps or stop_here
-                # A step that logs, evaluates or saves nothing copies nothing to the host, so
-                # dispatch runs ahead of the device (--unlogged_transfers=disallow checks it).
-                quiet = not (logs or evals or saves)
-                with (jax.transfer_guard_device_to_host(o.unlogged_transfers) if quiet
-                      else contextlib.nullcontext()):
-                    state, m = step_fn(state, batch)
-                    log.add(m, state.nonfinite_streak)
-                    in_flight = train.wait_previous(in_flight, m["loss"])
-                step = nxt
-                if stop.reached(step):  # SIGTERM (all processes agree on this step): save here
-                    stop_here = saves = True
-                elif quiet:
-                    continue
-                log.check(step, str(ckpt.dir / str(last_trained)) if last_trained else None)
-                if logs:
-                    log.train(step, nonfinite_total=int(state.nonfinite_total))
-                if evals:
-                    ev = evaluate(eval_fn, state.params, held, o.eval_batches, batch_sh, objective)
-                    summary["heldout"] = ev
-                    log.eval(step, "heldout", ev)
-                    best.offer(ev, lambda: save_best(step, state.params))
-                    logging.info("step %d held-out %s", step, ev)
-                if stop_here:
-                    stop.requested = True
-                if stop.requested:  # also when SIGTERM came while this step logged or evaluated
-                    saves = True
-                if saves:
-                    ckpt.save(step, state, data_state_now, dict(manifest, best=best.score), force=stop.requested)
-                    last_saved = step
-                    if step > int(state.nonfinite_total):
-                        last_trained = step
-                if stop.requested:
-                    break
-            if held and "heldout" not in summary:  # nothing left to train: still report
-                summary["heldout"] = evaluate(eval_fn, state.params, held, o.eval_batches, batch_sh, objective)
-    finally:  # also on an error: in-flight checkpoint saves finish, threads stop
-        prefetch.close()
-        ckpt.close()
-        log.close()
-    ran, skipped = step - start, int(state.nonfinite_total) - skipped_before
-    if ran and 2 * skipped > ran:  # a run that did not train is no success
-        raise PretrainError(
-            f"{skipped} of the {ran} updates of this run were skipped (non-finite loss, gradient or updated params): "
-            f"the model did not train. Check --adam_eps={o.optim.eps} (0 divides by zero where a gradient is 0), "
-            f"--learning_rate={o.optim.learning_rate} and --max_grad_norm={o.optim.max_grad_norm}. Last checkpoint "
-            f"with trained params: {ckpt.dir / str(last_trained) if last_trained else 'none'}")
-    summary.update(step=step, workdir=str(workdir), checkpoint=str(ckpt.dir / str(last_saved)),
-                   metrics=str(log.path), stopped_early=stop.requested,
+    cadence = loop.Cadence(o.train_steps, o.log_every, o.eval_every, o.checkpoint_every, o.stop_at_step)
+    out = loop.run(state, start=start, cadence=cadence, batches=prefetch, step_fn=step_fn, log=log, ckpt=ckpt,
+                   manifest=manifest, evaluation=loop.Evaluation("heldout", heldout, best, save_best) if held else None,
+                   unlogged_transfers=o.unlogged_transfers, mesh=mesh)
+    if held:  # also when nothing was left to train: still report
+        if out.evaluated is None:
+            with jax.set_mesh(mesh):
+                out.evaluated = heldout(out.state.params)
+        summary["heldout"] = out.evaluated
+    loop.check_trained(out, start, ckpt, PretrainError, o.optim, o.optim.learning_rate)
+    step = out.step
+    summary.update(step=step, workdir=str(workdir), checkpoint=str(ckpt.dir / str(out.last_saved)),
+                   metrics=str(log.path), stopped_early=out.stopped,
                    best={best_metric: best.score} if held else None)
     return summary
