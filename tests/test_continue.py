@@ -127,19 +127,22 @@ def test_first_step_loss_equals_transformers(family, hf_models, tmp_path):
 
 
 @pytest.mark.slow
-def test_heldout_before_training_equals_heldout_job(hf_models, tmp_path):
+@pytest.mark.parametrize("held", [HELD, f"{BOOKS}/heldout/carroll-alice.txt"], ids=["two_files", "one_document"])
+def test_heldout_before_training_equals_heldout_job(hf_models, tmp_path, held):
     """The held-out evaluation that a run from --init_checkpoint logs at step 0 scores the
     checkpoint itself: on FULL-SENTENCES rows (RoBERTa, --instances=prebuilt) it equals
-    the `heldout` job's figure on the Hugging Face folder."""
+    the `heldout` job's figure on the Hugging Face folder; also on a one-document text,
+    where the job used to take paragraphs as documents for its MLM rows too (one source
+    function for both now)."""
     from bert_jax.jobs import heldout
     from bert_jax.options import HeldoutOptions
     o = init_options(tmp_path / "wd", f"--init_checkpoint={hf_models['roberta']}", "--train_steps=1",
-                "--warmup_steps=0", "--instances=prebuilt", f"--heldout_corpus={HELD}", "--eval_batches=2",
+                "--warmup_steps=0", "--instances=prebuilt", f"--heldout_corpus={held}", "--eval_batches=2",
                 "--max_seq_length=48", "--max_predictions_per_seq=7")
     s = pretraining.run(o)
     step0 = metrics(tmp_path / "wd")[0]
     assert step0["step"] == 0 and step0["eval_heldout_mlm_loss"] == s["heldout_at_init"]["mlm_loss"]
-    theirs = heldout.evaluate(HeldoutOptions(checkpoint=str(hf_models["roberta"]), text=HELD, max_seq_length=48,
+    theirs = heldout.evaluate(HeldoutOptions(checkpoint=str(hf_models["roberta"]), text=held, max_seq_length=48,
                                              max_predictions_per_seq=7, batch_size=8, batches=2))
     assert step0["eval_heldout_mlm_loss"] == pytest.approx(theirs["mlm_loss"], rel=1e-5)
     assert step0["eval_heldout_mlm_accuracy"] == pytest.approx(theirs["mlm_accuracy"])

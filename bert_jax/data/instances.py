@@ -108,6 +108,7 @@ class Kind:
     or one row on the fly) and made into ids."""
     name: str
     specials: int  # special tokens per row
+    needs_documents = False  # rows draw from other documents than their own (NSP's random next segments)
 
     def build(self, c: TokenizedCorpus, cfg: InstanceConfig, rng) -> list:
         raise NotImplementedError
@@ -248,6 +249,7 @@ class SentencePairs(Kind):
 class NextSentence(SentencePairs):
     """BERT's NSP: B is A's continuation (label 0) or a random segment of another document (1)."""
     name, min_sentences, splits_one_sentence = "nsp", 1, False
+    needs_documents = True
 
     def pair(self, c, chunk, a, a_end_idx, target, doc, rng):
         if len(chunk) == 1 or rng.random() < 0.5:

@@ -10,6 +10,9 @@ Prints (and with --out writes) one JSON object:
   nsp_loss, nsp_accuracy        the model's sentence head on BERT's NSP pairs built from
                                 the text (label 0: the real next segment, 1: a random one);
   sop_loss, sop_accuracy        the same head on ALBERT's SOP pairs (0: in order, 1: swapped).
+The rows are those of pretraining's held-out evaluation (data/source.py): text that is one
+document (one file) stays one document, except for NSP pairs, whose random next segments
+come from other documents: there its paragraphs are the documents.
 A model trained with NSP is scored on SOP pairs and the other way round, the same head and
 label order as ALBERT's Table 5 does; a model without a sentence head (--objective=mlm)
 reports the MLM figures only. Works on our folders and on Hugging Face folders alike.
@@ -40,12 +43,12 @@ def evaluate(o: HeldoutOptions) -> dict:
     if o.cache_dir is None:  # the prepared text lives as long as the evaluation, then goes
         with tempfile.TemporaryDirectory(prefix="heldout_cache_") as d:
             return evaluate(dataclasses.replace(o, cache_dir=d))
-    from bert_jax.data import cache, corpus, instances, loader, masking
+    from bert_jax import storage
+    from bert_jax.data import corpus, masking, source
     from bert_jax.data.tokenizer import Tokenizer
     from bert_jax.interop import convert
     from bert_jax.model import objectives
     from bert_jax.model.heads import PreTrainingModel
-    from bert_jax import storage
     if not storage.path(o.checkpoint).is_dir():  # a local folder or a URI (gs://...)
         raise HeldoutError(f"--checkpoint={o.checkpoint}: no such folder")
     cfg, task, params, tok_dir = convert.load(o.checkpoint)
@@ -57,29 +60,24 @@ def evaluate(o: HeldoutOptions) -> dict:
     tok = Tokenizer.load(tok_dir)
     files = corpus.expand(o.text, "--text")
     cache_dir = storage.require_local(o.cache_dir, "--cache_dir", "the prepared text is memory-mapped")
-    tc = cache.build(files, tok, tok_dir, cache_dir, o.document_boundary, workers=1)
-    if tc.num_documents < 2:  # NSP draws its random segments from other documents
-        tc = cache.build(files, tok, tok_dir, cache_dir, "blank_line", workers=1)
     model = PreTrainingModel(cfg)
     apply = jax.jit(lambda p, b: model.apply(
         {"params": p}, b["input_ids"], b["token_type_ids"], b["attention_mask"], b["masked_positions"],
         sentence_positions_BxK=b["sentence_positions"]))
-    specials = instances.SpecialIds(tok.cls_id, tok.sep_id, tok.pad_id, tok.mask_id)
     mcfg = masking.MaskingConfig(o.masked_lm_prob, o.max_predictions_per_seq, False, 1)
     has_head = cfg.pretraining_objective.sentence_task is not None
     out: dict = {"checkpoint": str(o.checkpoint), "rows": o.batches * o.batch_size}
     for name, (kind, objective) in KINDS.items():
         if name != "mlm" and not has_head:
             continue
-        try:
-            inst = instances.build(tc, instances.InstanceConfig(o.max_seq_length, kind, 0.1), o.seed)
+        c = source.SourceConfig(kind, o.max_seq_length, o.batch_size, o.seed, mcfg, cfg.position_offset,
+                                cfg.type_vocab_size, o.document_boundary)
+        try:  # the rows pretraining's held-out evaluation reads from the same text, length and seed
+            src = source.make(files, tok, tok_dir, cache_dir, c, flag="--text", workers=1)
         except ValueError as e:  # the text holds less than one row
             raise HeldoutError(f"--text={o.text}: too little text to build {name.upper()} rows ({e})") from None
-        if len(inst) == 0:
+        if len(src.instances) == 0:
             raise HeldoutError(f"--text={o.text}: too little text to build {name.upper()} rows")
-        pcfg = loader.PipelineConfig(o.max_seq_length, kind, o.batch_size, o.seed,
-                                     position_offset=cfg.position_offset, type_vocab_size=cfg.type_vocab_size)
-        src = loader.PretrainSource(tc, inst, pcfg, mcfg, specials, tok.vocab_size)
         obj, sums = objectives.get(objective), {}
         for b in range(o.batches):
             rows = [src.example(b * o.batch_size + j) for j in range(o.batch_size)]

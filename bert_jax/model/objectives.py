@@ -36,8 +36,6 @@ class Objective:
     # HF's AlbertSOPHead applies dropout to the pooled output before its classifier;
     # BERT's NSP head does not.
     sentence_dropout: bool = False
-    # NSP draws its negative "next" segments from other documents.
-    needs_documents: bool = False
 
     @property
     def instance_kind(self) -> str:
@@ -98,8 +96,7 @@ _MLM_CLASSES = {fam: (f"{Fam}ForMaskedLM", None)
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("mlm", None, _MLM_CLASSES),
-    Objective("mlm_nsp", "nsp", {"bert": ("BertForPreTraining", "cls.seq_relationship")},
-              needs_documents=True),
+    Objective("mlm_nsp", "nsp", {"bert": ("BertForPreTraining", "cls.seq_relationship")}),
     Objective("mlm_sop", "sop", {"albert": ("AlbertForPreTraining", "sop_classifier.classifier")},
               sentence_dropout=True),
 )}

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from bert_jax import checkpoint as ckpt_lib, options, sharding, storage
-from bert_jax.data import cache, corpus, instances, loader, masking
+from bert_jax.data import cache, corpus, loader, masking, source
 from bert_jax.data.tokenizer import FAMILY_KIND, Tokenizer, copy_files as copy_tokenizer_files
 from bert_jax.errors import BertJaxError
 from bert_jax.interop import convert
@@ -304,28 +304,15 @@ def _prepare_tokenizer(o: PretrainOptions, workdir, local_root: pathlib.Path,
 
 def make_source(o: PretrainOptions, cfg: ModelConfig, tok: Tokenizer, tok_dir, corpus_glob,
                 seed: int, cache_dir: pathlib.Path, flag: str) -> loader.PretrainSource:
-    files = corpus.expand(corpus_glob, flag)
-    build = lambda boundary: cache.build(files, tok, tok_dir, cache_dir, boundary, splitter=o.sentence_splitter,
-                                         process_index=jax.process_index(), process_count=jax.process_count(),
-                                         barrier=_barrier)
-    tc = build(o.document_boundary)  # every process prepares its share of the files
-    objective = cfg.pretraining_objective
-    if objective.needs_documents and tc.num_documents < 2 and o.document_boundary == "file":
-        # NSP draws random next segments from other documents: one file is one document.
-        logging.warning("%s has one document; --objective=%s needs several, so paragraphs (blank "
-                        "lines) are taken as documents", flag, objective.name)
-        tc = build("blank_line")
-    icfg = instances.InstanceConfig(o.max_seq_length, objective.instance_kind, o.short_seq_prob)
-    inst = instances.OnTheFly(tc, icfg, seed) if o.instances == "on_the_fly" else instances.build(tc, icfg, seed)
-    pcfg = loader.PipelineConfig(max_seq_length=o.max_seq_length, objective=objective.instance_kind,
-                                 global_batch_size=o.batch_size, seed=seed,
-                                 position_offset=cfg.position_offset, type_vocab_size=cfg.type_vocab_size,
-                                 max_examples_per_row=o.max_examples_per_row, static_masks=o.static_masks)
-    mcfg = masking.MaskingConfig(o.masked_lm_prob, o.max_predictions_per_seq,
-                                 o.whole_word_masking, o.max_ngram)
-    specials = instances.SpecialIds(tok.cls_id, tok.sep_id, tok.pad_id, tok.mask_id)
-    return loader.PretrainSource(tc, inst, pcfg, mcfg, specials, tok.vocab_size,
-                                 jax.process_index(), jax.process_count())
+    """The rows of the objective's instance kind from `corpus_glob` (given by `flag`): the
+    training stream, or (seed 12345) the held-out stream the `heldout` job also reads."""
+    c = source.SourceConfig(
+        cfg.pretraining_objective.instance_kind, o.max_seq_length, o.batch_size, seed,
+        masking.MaskingConfig(o.masked_lm_prob, o.max_predictions_per_seq, o.whole_word_masking, o.max_ngram),
+        cfg.position_offset, cfg.type_vocab_size, o.document_boundary, o.sentence_splitter, o.short_seq_prob,
+        o.instances == "on_the_fly", o.max_examples_per_row, o.static_masks)
+    return source.make(corpus.expand(corpus_glob, flag), tok, tok_dir, cache_dir, c, flag=flag,
+                       process_index=jax.process_index(), process_count=jax.process_count(), barrier=_barrier)
 
 
 def evaluate(eval_step, params, source: loader.PretrainSource, n_batches: int, batch_sharding,
