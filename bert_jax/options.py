@@ -394,6 +394,9 @@ class HeldoutOptions:
                        "(with the same tokenizer they see the same masks).")
     document_boundary: str = option("file", "What separates documents (NSP draws from other documents).",
                                     choices=("file", "blank_line"))
+    sentence_splitter: str = option("pysbd", "Sentence splitter (pretraining's --sentence_splitter: the same one "
+                                    "scores the rows a run's held-out evaluation scored).",
+                                    choices=("pysbd", "blingfire"))
     cache_dir: str | None = option(None, "Tokenized-text cache, kept for the next run (default: a "
                                    "temporary folder, removed at the end).")
     compilation_cache: str = _model_job_cache()

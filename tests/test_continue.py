@@ -143,7 +143,8 @@ def test_heldout_before_training_equals_heldout_job(hf_models, tmp_path, held):
     step0 = metrics(tmp_path / "wd")[0]
     assert step0["step"] == 0 and step0["eval_heldout_mlm_loss"] == s["heldout_at_init"]["mlm_loss"]
     theirs = heldout.evaluate(HeldoutOptions(checkpoint=str(hf_models["roberta"]), text=held, max_seq_length=48,
-                                             max_predictions_per_seq=7, batch_size=8, batches=2))
+                                             max_predictions_per_seq=7, batch_size=8, batches=2,
+                                             sentence_splitter=o.sentence_splitter))
     assert step0["eval_heldout_mlm_loss"] == pytest.approx(theirs["mlm_loss"], rel=1e-5)
     assert step0["eval_heldout_mlm_accuracy"] == pytest.approx(theirs["mlm_accuracy"])
 

@@ -161,6 +161,7 @@ def test_choices_are_the_registries_they_name():
         ("remat_policy", options.ModelOptions): ("none", *encoder.REMAT_POLICIES),
         ("attention_impl", options.ModelOptions): config.ATTENTION_IMPLS,
         ("sentence_splitter", options.PretrainOptions): cache.SPLITTERS,
+        ("sentence_splitter", options.HeldoutOptions): cache.SPLITTERS,
         ("kind", options.VocabOptions): tokenizer.KINDS,
         ("task", options.FinetuneOptions): tuple(finetune_tasks.TASKS),
         ("tag_scheme", options.FinetuneOptions): tagging.SCHEMES,

@@ -71,7 +71,7 @@ def evaluate(o: HeldoutOptions) -> dict:
         if name != "mlm" and not has_head:
             continue
         c = source.SourceConfig(kind, o.max_seq_length, o.batch_size, o.seed, mcfg, cfg.position_offset,
-                                cfg.type_vocab_size, o.document_boundary)
+                                cfg.type_vocab_size, o.document_boundary, o.sentence_splitter)
         try:  # the rows pretraining's held-out evaluation reads from the same text, length and seed
             src = source.make(files, tok, tok_dir, cache_dir, c, flag="--text", workers=1)
         except ValueError as e:  # the text holds less than one row
