@@ -131,6 +131,11 @@ def test_from_scratch_takes_the_architecture_and_tokenizer_but_no_weights(shared
     assert not (word(scratch_again) == word(scratch)).any()   # the seed is used
     assert all((a == b).all() for a, b in zip(leaves(other.params), leaves(scratch.params)))
     assert scratch.cfg == loaded.cfg and scratch.tok_dir == loaded.tok_dir
+    # A loaded run initialises only what the checkpoint lacks (the head): bit for bit the
+    # full init's head, the one --from_scratch gets
+    head_of = lambda p: {k: v for k, v in p.items() if k != "backbone"}
+    assert head_of(loaded.params) and jax.tree.all(jax.tree.map(
+        lambda a, b: a.dtype == b.dtype and (a == b).all(), head_of(loaded.params), head_of(fresh)))
 
 
 def test_unknown_best_metric_is_named(tiny_checkpoint, tmp_path):

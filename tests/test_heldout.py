@@ -22,7 +22,7 @@ def pretrained(tmp_path_factory):
     """A tiny BERT (MLM + NSP) pretrained 8 steps from tiny.flags."""
     wd = tmp_path_factory.mktemp("pre") / "run"
     subprocess.run([sys.executable, "-m", "bert_jax.jobs.pretrain", f"--flagfile={REPO / 'experiments/tiny.flags'}",
-                    f"--workdir={wd}"], cwd=REPO, check=True, capture_output=True)
+                    f"--workdir={wd}", "--mesh_data=1"], cwd=REPO, check=True, capture_output=True)
     return wd
 
 

@@ -53,7 +53,8 @@ def test_two_processes_same_flags_same_seed_same_everything(shared_data, tmp_pat
     rows = (shared_data / "classification/sst2/train.tsv").read_text(encoding="utf-8").splitlines()[:41]
     sst2 = tmp_path / "sst2.tsv"
     sst2.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # 2 devices each: the sharded (data-parallel) path, without the 8 fake devices' overhead
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs = [subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path / f"run{i}"), str(REPO), str(sst2)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in (0, 1)]

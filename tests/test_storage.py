@@ -75,7 +75,7 @@ def fake_bucket(root: pathlib.Path, monkeypatch):
 def finetune_options(init, workdir, train) -> FinetuneOptions:
     return FinetuneOptions(task="classification", init_checkpoint=str(init), train_file=str(train),
                            workdir=str(workdir), eval_files=(("train", str(train)),), batch_size=8,
-                           learning_rate=1e-3, epochs=2, max_seq_length=32, progress_bar=False)
+                           learning_rate=1e-3, epochs=2, max_seq_length=32, progress_bar=False, mesh_data=1)
 
 
 def test_paths_pick_their_type():
