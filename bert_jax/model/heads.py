@@ -153,10 +153,18 @@ def build_model(cfg: ModelConfig, task: str) -> nn.Module:
     return models[task](cfg)
 
 
-def init_params(cfg: ModelConfig, task: str, rng: jax.Array, seq_len: int = 8):
-    """Boxed (logically partitioned) params of `build_model(cfg, task)`."""
+def init_params(cfg: ModelConfig, task: str, rng: jax.Array, seq_len: int = 8, skip: frozenset = frozenset()):
+    """Boxed (logically partitioned) params of `build_model(cfg, task)`, less the backbone
+    parts named in `skip` (e.g. {"embeddings", "encoder"}: a checkpoint supplies them).
+    What is returned is the full init's, bit for bit (flax derives each module's key from
+    its path); the skipped parts are never computed (XLA drops what is not returned)."""
     ids = jnp.zeros((1, seq_len), jnp.int32)
-    return jax.jit(build_model(cfg, task).init)(rng, ids)["params"]
+    init = build_model(cfg, task).init
+
+    def params(r, i):
+        p = init(r, i)["params"]
+        return {**p, "backbone": {k: v for k, v in p["backbone"].items() if k not in skip}} if skip else p
+    return jax.jit(params)(rng, ids)
 
 
 def abstract_params(cfg: ModelConfig, task: str, seq_len: int = 8):
