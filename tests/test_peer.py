@@ -86,7 +86,8 @@ def test_training_steps_equal_hugging_face(task, shared_data, tiny_hf, tmp_path)
 def test_side_by_side_runs_both_and_tabulates(shared_data, tiny_hf, tmp_path):
     out = tmp_path / "sbs"
     cmd = [sys.executable, "-m", "bert_jax.peers.side_by_side", f"--init_checkpoint={tiny_hf}", f"--out={out}",
-           "--parallel=2", "rte:0,1", "--", "--max_train_examples=16", "--epochs=1", "--max_seq_length=32"]
+           "--parallel=2", "rte:0,1", "--", "--max_train_examples=16", "--epochs=1", "--max_seq_length=32",
+           "--mesh_data=1"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())["rte"]
