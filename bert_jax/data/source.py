@@ -12,7 +12,8 @@ from typing import Callable, Sequence
 
 from absl import logging
 
-from bert_jax.data import cache, instances, loader, masking
+from bert_jax.data import cache, instances, loader
+from bert_jax.data.masking import MaskingConfig
 from bert_jax.data.tokenizer import Tokenizer
 
 
@@ -22,7 +23,7 @@ class SourceConfig:
     max_seq_length: int
     batch_size: int                    # global rows per batch
     seed: int                          # rows, pairs and masks
-    masking: masking.MaskingConfig
+    masking: MaskingConfig
     position_offset: int = 0           # the model's first real position (RoBERTa: pad_id + 1)
     type_vocab_size: int = 2
     document_boundary: str = "file"    # file | blank_line

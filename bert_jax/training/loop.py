@@ -126,6 +126,8 @@ def run(state, *, start: int, cadence: Cadence, batches, step_fn: Callable, log:
                 with (jax.transfer_guard_device_to_host(unlogged_transfers) if quiet
                       else contextlib.nullcontext()):
                     state, m = step_fn(state, batch)
+                    if n == start + 1:  # the step is compiled: the compiler's working memory goes back
+                        train.release_free_memory()
                     log.add(m, state.nonfinite_streak)
                     in_flight = train.wait_previous(in_flight, m["loss"])
                 step = n
@@ -140,6 +142,7 @@ def run(state, *, start: int, cadence: Cadence, batches, step_fn: Callable, log:
                     evaluated = evaluation.run(state.params)
                     log.eval(step, evaluation.name, evaluated)
                     evaluation.best.offer(evaluated, lambda: evaluation.save_best(step, state.params))
+                    train.release_free_memory()  # what compiling the evaluation widths used
                     logging.info("step %d %s: %s", step, evaluation.name, evaluated)
                 if stop_here:  # also when SIGTERM came while this step logged or evaluated
                     stop.requested = True

@@ -11,6 +11,7 @@ accumulation gives the big batch's loss and gradient exactly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -224,6 +225,27 @@ def make_step(loss_fn: Callable, tx: optax.GradientTransformation, grad_accum: i
     rep = NamedSharding(mesh, P())
     return jax.jit(step, in_shardings=(state_sharding, batch_sh), out_shardings=(state_sharding, rep),
                    donate_argnums=0)
+
+
+def release_free_memory() -> None:
+    """Give the heap's free memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
+    Compiling a train step frees hundreds of MB that glibc keeps in the process's heap, and
+    the step's own temporaries then come on top of it: trimming once the step is compiled
+    lowers a fine-tuning run's peak RSS by ~0.35 GB (MiniLM, SST-2: 2.84 -> 2.49 GB)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def wait_previous(previous, current):
