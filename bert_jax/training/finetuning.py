@@ -33,7 +33,7 @@ from bert_jax.data import loader
 from bert_jax.data.tokenizer import Tokenizer
 from bert_jax.errors import BertJaxError
 from bert_jax.interop import convert
-from bert_jax.model.heads import abstract_params, build_model, init_params
+from bert_jax.model.heads import build_model, init_params
 from bert_jax.options import FinetuneOptions
 from bert_jax.tasks import finetune_tasks
 from bert_jax.tasks.finetune_tasks import INPUTS, Features, Task
@@ -206,6 +206,11 @@ class Finetuner:
         self.cfg.check_sequence_length(o.max_seq_length)
         self.mtask = self.task.model_task
         self.model = build_model(self.cfg, self.mtask)
+        self.mesh = sharding.make_mesh(o.mesh_data, o.mesh_fsdp, o.mesh_tensor)
+        train.check_batch(o.batch_size, 1, self.mesh)
+        self.tx = optim.make(self.optim_config())
+        self.abstract, self.state_sh = train.state_shardings(self.cfg, self.tx, o.max_seq_length,
+                                                             self.mesh, self.mtask)
         if o.from_scratch:
             logging.warning("--from_scratch: the backbone of %s is not loaded; it starts from a random "
                             "init (seed %d)", o.init_checkpoint, o.seed)
@@ -213,15 +218,10 @@ class Finetuner:
         else:  # the parts the checkpoint supplies are not initialised (memory and time), only shaped
             loaded = frozenset(src_params.get("backbone", {}))
             fresh = nn.unbox(init_params(self.cfg, self.mtask, jax.random.key(o.seed), skip=loaded))
-            shapes = nn.unbox(abstract_params(self.cfg, self.mtask))["backbone"]
+            shapes = self.abstract.params["backbone"]
             fresh["backbone"] = {k: fresh["backbone"].get(k, shapes[k]) for k in shapes}
             fresh = load_backbone(fresh, src_params, o.init_checkpoint)
         self.params = jax.tree.map(np.asarray, fresh)
-        self.mesh = sharding.make_mesh(o.mesh_data, o.mesh_fsdp, o.mesh_tensor)
-        train.check_batch(o.batch_size, 1, self.mesh)
-        self.tx = optim.make(self.optim_config())
-        self.abstract, self.state_sh = train.state_shardings(self.cfg, self.tx, o.max_seq_length,
-                                                             self.mesh, self.mtask)
         # Evaluation batches are split over the data-parallel devices like training's; the
         # outputs come back whole to every process.
         rep, rows = NamedSharding(self.mesh, P()), sharding.data_sharding(self.mesh, 2)

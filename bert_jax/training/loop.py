@@ -25,20 +25,18 @@ from bert_jax.training import runlog, train
 class Cadence:
     """When a run of `total` steps logs, evaluates and checkpoints (after 1-based step n):
     every `log_every` / `eval_every` / `checkpoint_every` steps (0: only at the end) and at
-    the last step; evaluation only when the run has something to evaluate. At `stop_at_step`
-    it checkpoints and stops."""
+    the last step. At `stop_at_step` it checkpoints and stops."""
     total: int
     log_every: int
     eval_every: int
     checkpoint_every: int
     stop_at_step: int | None = None
-    evaluates: bool = True
 
     def logs(self, n: int) -> bool:
         return _every(n, self.log_every) or n == self.total
 
     def evals(self, n: int) -> bool:
-        return self.evaluates and (_every(n, self.eval_every) or n == self.total)
+        return _every(n, self.eval_every) or n == self.total
 
     def saves(self, n: int) -> bool:
         return _every(n, self.checkpoint_every) or n == self.total
